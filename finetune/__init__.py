@@ -1,0 +1,35 @@
+"""finetune: LoRA and QLoRA fine-tuning of vision-language models, from a YAML recipe or from Python.
+
+    import finetune
+    run_dir = finetune.train("recipes/tiny-chartqa.yaml", overrides=["training.max_steps=20"])
+
+The CLI (`finetune train|check`) and `accelerate launch -m finetune train` call these same functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+__version__ = "0.1.0"
+
+
+def train(recipe, overrides: Sequence[str] = (), overwrite: bool = False) -> Path:
+    """Fine-tune from a recipe (path, dict or `Recipe`); returns the run folder."""
+    from .train import train as _train
+
+    return _train(recipe, overrides, overwrite=overwrite)
+
+
+def check(recipe, overrides: Sequence[str] = (), show_labels: int = 0, data: bool = True) -> dict:
+    """Validate a recipe and (unless `data=False`) scan its data without training; returns the report."""
+    from .check import check as _check
+
+    return _check(recipe, overrides, show_labels=show_labels, data=data)
+
+
+def load_recipe(source, overrides: Sequence[str] = ()):
+    """Parse and validate a recipe without loading anything heavy."""
+    from .recipe import load_recipe as _load
+
+    return _load(source, overrides)

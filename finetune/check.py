@@ -1,0 +1,63 @@
+"""`finetune check`: validate a recipe, scan its data as training would, and show which tokens carry loss."""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from .collate import IGNORE_INDEX, ChatCollator
+from .data import chat_dataset
+from .modeling import load_family, load_processor
+from .recipe import Recipe, load_recipe
+from .scan import scan
+
+
+def check(recipe: Recipe | str | dict, overrides: Sequence[str] = (), show_labels: int = 0,
+          data: bool = True) -> dict:
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    print(f"[finetune] recipe OK: {recipe.source or '<dict>'}")
+    report: dict = {"recipe": recipe.to_dict()}
+    if not data:
+        return report
+    model_path, family = load_family(recipe.model)
+    processor = load_processor(model_path, recipe.model)
+    collator = ChatCollator(processor, family)
+    dataset = chat_dataset(recipe.data, recipe.data.train_split)
+    result = scan(dataset, collator, recipe.training.max_length, recipe.data.on_too_long)
+    print(f"[finetune] model family: {family.name}")
+    print(f"[finetune] train data: {result.describe()}")
+    report["train_data"] = result.summary()
+    for i in result.kept[:show_labels]:
+        sample = dataset[i]
+        batch = collator([sample])
+        print(f"\n--- row {sample['row_id']}: tokens in [[...]] carry loss ---")
+        print(mark_labels(processor.tokenizer, batch["input_ids"][0].tolist(), batch["labels"][0].tolist()))
+    return report
+
+
+def mark_labels(tokenizer, input_ids: list[int], labels: list[int]) -> str:
+    """Decode a sample with loss-carrying runs wrapped in [[...]] and runs of one repeated token collapsed."""
+    pieces: list[str] = []
+    i = 0
+    while i < len(input_ids):
+        j = i
+        trained = labels[i] != IGNORE_INDEX
+        while j < len(input_ids) and (labels[j] != IGNORE_INDEX) == trained:
+            j += 1
+        text = _collapse_repeats(tokenizer, input_ids[i:j])
+        pieces.append(f"[[{text}]]" if trained else text)
+        i = j
+    return "".join(pieces)
+
+
+def _collapse_repeats(tokenizer, ids: list[int]) -> str:
+    out, i = [], 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and ids[j] == ids[i]:
+            j += 1
+        token = tokenizer.decode([ids[i]])
+        out.append(f"{token}x{j - i}" if j - i > 3 else token * (j - i))
+        i = j
+    return re.sub(r"\n", "\\\\n\n", "".join(out))

@@ -1,0 +1,129 @@
+"""The model-family table: everything that differs between VLM architectures lives here and nowhere else.
+
+Module paths are regexes matched from the start of a module's full name up to a module boundary (the same rule
+`transformers` uses for `llm_int8_skip_modules`), so `model\\.visual\\.merger` matches `model.visual.merger.mlp.0` and
+never `model.visual.blocks.0.mlp.fc1`. Names were read off the real model classes in transformers 5.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    """One VLM architecture, keyed in FAMILIES by its `config.model_type`."""
+
+    name: str
+    #: Module-path regex of the language decoder (LoRA group `decoder`).
+    decoder: str
+    #: Module-path regex of the multimodal projector (LoRA group `projector`).
+    projector: str
+    #: Module-path regex of the vision tower (LoRA group `vision`); projector modules inside it are excluded.
+    vision: str
+    #: Regex over token strings: every token an image expands to (placeholders, row/col/tile markers, boundaries).
+    image_tokens: str
+    #: The token that closes an assistant reply in the chat template; it carries loss with the reply.
+    end_of_turn: str
+    #: Projector weights that are raw `nn.Parameter`s, not Linear modules (trained with peft `target_parameters`).
+    projector_parameters: tuple[str, ...] = ()
+    #: Prefix-LM (PaliGemma): `token_type_ids` = 1 marks causal (answer) tokens, 0 the bidirectional prefix.
+    prefix_lm: bool = False
+    #: The processor inserts `<bos>` right after the last image token (PaliGemma), shifting the text.
+    bos_after_images: bool = False
+    notes: str = ""
+
+    def quantization_skip(self) -> list[str]:
+        """Modules bitsandbytes must keep in full precision: vision tower, projector and the LM head."""
+        return [self.vision, self.projector, "lm_head"]
+
+
+_LLAVA_IMAGE = r"<image>"
+_QWEN_IMAGE = r"<\|(?:image_pad|video_pad|vision_start|vision_end)\|>"
+_IDEFICS_IMAGE = r"<image>|<fake_token_around_image>|<global-img>|<row_\d+_col_\d+>"
+
+FAMILIES: dict[str, Family] = {
+    "llava": Family(
+        name="LLaVA 1.5",
+        decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
+        image_tokens=_LLAVA_IMAGE, end_of_turn="</s>",
+    ),
+    "llava_next": Family(
+        name="LLaVA-NeXT (1.6)",
+        decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
+        image_tokens=_LLAVA_IMAGE, end_of_turn="</s>",
+        notes="`model.image_newline` is a raw parameter of the projector side; it stays frozen.",
+    ),
+    "idefics3": Family(
+        name="Idefics3",
+        decoder=r"model\.text_model", projector=r"model\.connector", vision=r"model\.vision_model",
+        image_tokens=_IDEFICS_IMAGE, end_of_turn="<end_of_utterance>",
+        notes="Image splitting expands one image into row/column tiles plus a global image.",
+    ),
+    "smolvlm": Family(
+        name="SmolVLM",
+        decoder=r"model\.text_model", projector=r"model\.connector", vision=r"model\.vision_model",
+        image_tokens=_IDEFICS_IMAGE, end_of_turn="<end_of_utterance>",
+        notes="Idefics3 architecture; processor needs the `num2words` package.",
+    ),
+    "qwen2_vl": Family(
+        name="Qwen2-VL",
+        decoder=r"model\.language_model", projector=r"model\.visual\.merger", vision=r"model\.visual",
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>",
+        notes="Dynamic resolution: image token count follows image size (min/max pixels).",
+    ),
+    "qwen2_5_vl": Family(
+        name="Qwen2.5-VL",
+        decoder=r"model\.language_model", projector=r"model\.visual\.merger", vision=r"model\.visual",
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>",
+    ),
+    "qwen3_vl": Family(
+        name="Qwen3-VL",
+        decoder=r"model\.language_model", projector=r"model\.visual\.(?:merger|deepstack_merger_list)",
+        vision=r"model\.visual",
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>",
+        notes="DeepStack mergers feed intermediate vision features into early decoder layers; they are projectors.",
+    ),
+    "paligemma": Family(
+        name="PaliGemma / PaliGemma 2",
+        decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
+        image_tokens=r"<image>", end_of_turn="<eos>", prefix_lm=True, bos_after_images=True,
+        notes="Not a chat model: the prefix (image + prompt) attends bidirectionally, answers causally.",
+    ),
+    "gemma3": Family(
+        name="Gemma 3",
+        decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
+        image_tokens=r"<start_of_image>|<end_of_image>|<image_soft_token>", end_of_turn="<end_of_turn>",
+        projector_parameters=("model.multi_modal_projector.mm_input_projection_weight",),
+        notes="`processor.image_token_id` is <start_of_image>, not the soft token; the projector is a raw parameter.",
+    ),
+    "mllama": Family(
+        name="Llama 3.2 Vision (Mllama)",
+        decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_model",
+        image_tokens=r"<\|image\|>", end_of_turn="<|eot_id|>",
+        notes="Cross-attention model: <|image|> stays one token; the projector is itself a Linear.",
+    ),
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def family_for(model_type: str) -> Family:
+    """The table entry for a `config.model_type`, or an error listing what is supported."""
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        supported = ", ".join(f"{k} ({f.name})" for k, f in FAMILIES.items())
+        raise UnsupportedModelError(
+            f"model type '{model_type}' is not in finetune's model-family table. Supported: {supported}. "
+            "Add an entry to finetune/families.py (module paths of decoder, projector and vision tower, image "
+            "tokens, end-of-turn token) to support it."
+        ) from None
+
+
+def matches(pattern: str, module_name: str) -> bool:
+    """True when `pattern` matches `module_name` from its start up to a module boundary."""
+    return re.match(rf"(?:{pattern})(?:\.|$)", module_name) is not None

@@ -1,0 +1,144 @@
+"""Processor, base model (optionally 4-bit) and LoRA placement, all driven by the model-family table."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .families import Family, family_for, matches
+from .recipe import LORA_GROUPS, LoraConfig, ModelConfig, QuantizationConfig, RecipeError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`zoo:<family>[:<preset>]` builds (once, cached) a tiny local checkpoint; anything else is passed through."""
+    if not name_or_path.startswith("zoo:"):
+        return name_or_path
+    from . import zoo
+
+    _, family, *preset = name_or_path.split(":")
+    return str(zoo.ensure(family, *preset))
+
+
+def load_family(cfg: ModelConfig) -> tuple[str, Family]:
+    """The model's path and its family-table entry, from the config alone (cheap: no weights are read)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.name_or_path)
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return path, family_for(config.model_type)
+
+
+def load_processor(path: str, cfg: ModelConfig):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_model(path: str, cfg: ModelConfig, quant: QuantizationConfig, family: Family):
+    """The base model; with `quant.load_in_4bit` the decoder is NF4 and vision tower, projector, lm_head are not."""
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    kwargs["dtype"] = "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    if quant.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype(quant.compute_dtype),
+            # bitsandbytes quantizes every Linear unless told otherwise; the vision side is small and sensitive.
+            llm_int8_skip_modules=family.quantization_skip(),
+        )
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if quant.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        # Checkpointing is switched on by the trainer from `training.gradient_checkpointing`, not here.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+@dataclass
+class LoraPlan:
+    """Where the adapters go: exact module names per group, and raw parameters (Gemma3's projector)."""
+
+    modules: dict[str, list[str]]
+    parameters: list[str]
+
+    def peft_config(self, cfg: LoraConfig):
+        from peft import LoraConfig as PeftLoraConfig
+
+        return PeftLoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=[name for names in self.modules.values() for name in names],
+            target_parameters=self.parameters or None,
+            task_type="CAUSAL_LM",
+        )
+
+
+def plan_lora(model, family: Family, cfg: LoraConfig) -> LoraPlan:
+    """Resolve `lora.targets` (decoder/projector/vision) to exact module paths of this model."""
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    if cfg.target_modules is not None:
+        pattern = cfg.target_modules if isinstance(cfg.target_modules, str) else None
+        chosen = [n for n in linear if (re.fullmatch(pattern, n) if pattern else
+                                         any(n == t or n.endswith("." + t) for t in cfg.target_modules))]
+        if not chosen:
+            raise RecipeError(f"lora.target_modules: matches no Linear module of this {family.name} model")
+        return LoraPlan(modules=_group(chosen, family), parameters=[])
+    modules: dict[str, list[str]] = {}
+    parameters: list[str] = []
+    for group in cfg.targets:
+        names = [n for n in linear if group_of(n, family) == group]
+        if group == "projector" and family.projector_parameters:
+            parameters = list(family.projector_parameters)
+        elif not names:
+            raise RecipeError(f"lora.targets: '{group}' matches no Linear module of this {family.name} model")
+        modules[group] = names
+    return LoraPlan(modules=modules, parameters=parameters)
+
+
+def group_of(module_name: str, family: Family) -> str | None:
+    """decoder / projector / vision / None for a module path (projector wins over vision: it may live inside it)."""
+    if matches(family.projector, module_name):
+        return "projector"
+    if matches(family.vision, module_name):
+        return "vision"
+    if matches(family.decoder, module_name):
+        return "decoder"
+    return None
+
+
+def _group(names: list[str], family: Family) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for n in names:
+        out.setdefault(group_of(n, family) or "other", []).append(n)
+    return out
+
+
+def trainable_by_group(model, family: Family) -> dict[str, int]:
+    """Trainable parameter counts per group, read off the (peft-wrapped) model."""
+    counts = {g: 0 for g in LORA_GROUPS}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        base = re.sub(r"^base_model\.model\.", "", name)
+        group = group_of(base, family) or "other"
+        counts[group] = counts.get(group, 0) + param.numel()
+    return counts

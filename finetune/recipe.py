@@ -1,0 +1,451 @@
+"""Recipes: YAML files loaded into one typed dataclass per section, validated before anything heavy is loaded.
+
+Every error names the dotted key (`lora.r: must be > 0, got 0`) and suggests the closest valid key for typos.
+The `training:` section takes `trl.SFTConfig` keys verbatim; `TrainingConfig` mirrors SFTConfig's fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import functools
+import importlib.util
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .families import FAMILIES
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file and dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    """The base model and how to load it."""
+
+    #: Hub id (`Qwen/Qwen2.5-VL-3B-Instruct`), local folder, or `zoo:<family>[:<preset>]` for a local tiny model.
+    name_or_path: str
+    #: Hub revision (branch, tag or commit). Required when `trust_remote_code` is on.
+    revision: str | None = None
+    #: Run modelling code shipped with the checkpoint. Off by default: it executes code from the hub.
+    trust_remote_code: bool = False
+    #: Weight dtype of the (unquantized) base model.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    #: Attention backend passed to `from_pretrained` (`sdpa`, `eager`, `flash_attention_2`); None = transformers' pick.
+    attn_implementation: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where the training data comes from and how rows become chat messages."""
+
+    #: Dataset: local folder or file (.json/.jsonl/.parquet), or a hub dataset id.
+    path: str
+    #: Row schema, see `finetune.data.ADAPTERS` (`chartqa`: image/query/label; `messages`: chat rows).
+    format: str = "messages"
+    #: Split to train on.
+    train_split: str = "train"
+    #: Held-out split for evaluation; None = no evaluation.
+    eval_split: str | None = None
+    #: Folder that relative image paths resolve against; None = the dataset's own folder.
+    image_root: str | None = None
+    #: System prompt; None = the adapter's default (ChartQA has one), "" = no system message.
+    system_prompt: str | None = None
+    #: Use only the first N rows of each split (quick experiments).
+    max_samples: int | None = None
+    #: Samples longer than `training.max_length` after image expansion: `drop` them (counted, ids reported) or
+    #: `error` before training starts. They are never truncated, which would cut image tokens.
+    on_too_long: Literal["drop", "error"] = "drop"
+
+    def validate(self) -> None:
+        from .data import ADAPTERS
+
+        _check_choice("data.format", self.format, ADAPTERS)
+        if self.max_samples is not None and self.max_samples <= 0:
+            raise RecipeError(f"data.max_samples: must be > 0, got {self.max_samples}")
+
+
+LORA_GROUPS = ("decoder", "projector", "vision")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters, placed by meaning (`decoder`, `projector`, `vision`) and resolved per family."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    #: Which parts of the model get adapters: any of decoder, projector, vision.
+    targets: list[str] = field(default_factory=lambda: ["decoder", "projector"])
+    #: Expert override: exact peft `target_modules` (list of names or one regex). Replaces `targets` for modules.
+    target_modules: list[str] | str | None = None
+
+    def validate(self) -> None:
+        if self.r <= 0:
+            raise RecipeError(f"lora.r: must be > 0, got {self.r}")
+        if self.alpha <= 0:
+            raise RecipeError(f"lora.alpha: must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise RecipeError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+        if not self.targets and not self.target_modules:
+            raise RecipeError("lora.targets: empty; name at least one of decoder, projector, vision")
+        for t in self.targets:
+            _check_choice("lora.targets", t, LORA_GROUPS, what="target")
+        if len(set(self.targets)) != len(self.targets):
+            raise RecipeError(f"lora.targets: duplicate entries in {self.targets}")
+
+
+@dataclass
+class QuantizationConfig:
+    """QLoRA: load the base model's decoder in 4-bit with bitsandbytes (vision tower, projector, lm_head stay full)."""
+
+    load_in_4bit: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    #: dtype the 4-bit matmuls compute in; auto = bfloat16 on a bf16-capable GPU, else float32.
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    def validate(self) -> None:
+        if self.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+            raise RecipeError(
+                "quantization.load_in_4bit: needs the bitsandbytes package (pip install bitsandbytes), "
+                "which is not installed"
+            )
+
+
+@dataclass
+class ExportConfig:
+    """What to write besides the adapter once training ends."""
+
+    #: Also write a merged full-precision checkpoint to `<output_dir>/merged`.
+    merge: bool = False
+    #: dtype of the merged weights.
+    merge_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+# finetune's defaults where they differ from SFTConfig's, each for a reason.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    # Our collator needs the raw `messages`/`images` columns, not the model's forward signature.
+    "remove_unused_columns": False,
+    # Rows are tokenised by finetune's collator (assistant-only labels, images never truncated).
+    "dataset_kwargs": {"skip_prepare_dataset": True},
+    "report_to": "none",
+}
+
+# SFTConfig keys that would silently break multimodal training; refused with the reason.
+REFUSED_TRAINING_KEYS = {
+    "packing": "packing is not supported for image datasets",
+    "padding_free": "padding-free batches are not supported for image datasets",
+    "assistant_only_loss": "finetune always trains on assistant tokens only (see `finetune check --show-labels`)",
+    "completion_only_loss": "finetune always trains on assistant tokens only (see `finetune check --show-labels`)",
+    "dataset_text_field": "rows are chat messages; there is no text field",
+    "remove_unused_columns": "the collator needs the raw message columns",
+}
+
+
+@functools.cache
+def training_config_class() -> type:
+    """A dataclass with exactly `trl.SFTConfig`'s fields (same names, types, defaults) and no side effects."""
+    from trl import SFTConfig
+
+    hints = typing.get_type_hints(SFTConfig)
+    specs = []
+    for f in dataclasses.fields(SFTConfig):
+        if not f.init:
+            continue
+        default = TRAINING_DEFAULTS.get(f.name, f.default)
+        if f.name in TRAINING_DEFAULTS or f.default is not dataclasses.MISSING:
+            spec = field(default_factory=lambda d=default: _copy(d))
+        elif f.default_factory is not dataclasses.MISSING:
+            spec = field(default_factory=f.default_factory)
+        else:
+            spec = field(default=None)
+        specs.append((f.name, hints.get(f.name, Any), spec))
+    return dataclasses.make_dataclass("TrainingConfig", specs)
+
+
+def _copy(value: Any) -> Any:
+    return dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig
+    quantization: QuantizationConfig
+    #: `trl.SFTConfig` fields (see `training_config_class`).
+    training: Any
+    export: ExportConfig
+    #: The file this recipe came from (None when built from a dict).
+    source: Path | None = None
+
+    def sft_config(self, **overrides: Any):
+        """The `trl.SFTConfig` for this recipe: only keys that differ from SFTConfig's defaults are passed."""
+        from trl import SFTConfig
+
+        defaults = {f.name: f for f in dataclasses.fields(SFTConfig) if f.init}
+        kwargs = {}
+        for name, f in defaults.items():
+            value = getattr(self.training, name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            if value != default:
+                kwargs[name] = value
+        kwargs.update(overrides)
+        try:
+            return SFTConfig(**kwargs)
+        except ValueError as e:
+            hint = ""
+            if "bf16" in str(e) or "fp16" in str(e):
+                hint = " (this machine has no bf16/fp16-capable GPU: set training.bf16=false to train on CPU)"
+            raise RecipeError(f"training: {e}{hint}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        """Only the values that differ from defaults for `training`; every field for the other sections."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in ("model", "data", "lora", "quantization", "export")}
+        default_training = training_config_class()()
+        out["training"] = {
+            f.name: getattr(self.training, f.name)
+            for f in dataclasses.fields(self.training)
+            if getattr(self.training, f.name) != getattr(default_training, f.name)
+        }
+        return _plain(out)
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lora": LoraConfig,
+    "quantization": QuantizationConfig,
+    "training": None,  # resolved lazily: importing trl is slow and `finetune --help` should not pay for it
+    "export": ExportConfig,
+}
+REQUIRED_SECTIONS = ("model", "data")
+
+
+def load_recipe(source: str | Path | dict, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a recipe (a YAML path or an already-parsed dict), apply `key=value` overrides, validate everything."""
+    path = None
+    if isinstance(source, dict):
+        raw = _deepcopy(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    where = f"{path}: " if path else ""
+    try:
+        for item in overrides:
+            apply_override(raw, item)
+        recipe = build_recipe(raw)
+    except RecipeError as e:
+        raise RecipeError(f"{where}{e}") from None
+    recipe.source = path
+    if path is not None and "output_dir" not in (raw.get("training") or {}):
+        recipe.training.output_dir = str(Path("runs") / path.stem)
+    return recipe
+
+
+def parse_yaml(text: str, name: str = "<recipe>") -> dict:
+    """YAML through the safe loader only: tags such as `!!python/object` are refused, never executed."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        mark = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
+        raise RecipeError(f"{name}{mark}: {e.problem}; recipes are read with a safe YAML loader") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{name}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{name}: a recipe is a mapping of sections (model, data, ...), got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `section.key=value` override (value parsed as YAML, so `1e-4`, `true`, `[a, b]` work)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override '{item}': expected section.key=value, e.g. training.learning_rate=1e-4")
+    parts = key.strip().split(".")
+    if len(parts) < 2:
+        raise RecipeError(f"override '{item}': expected section.key=value, e.g. training.learning_rate=1e-4")
+    _check_choice("override", parts[0], SECTIONS, what="section")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override '{item}': {part} is not a section")
+    node[parts[-1]] = parse_yaml(f"v: {value}")["v"] if value.strip() else None
+
+
+def build_recipe(raw: dict) -> Recipe:
+    for name in raw:
+        _check_choice("recipe", name, SECTIONS, what="section")
+    for name in REQUIRED_SECTIONS:
+        if name not in raw:
+            raise RecipeError(f"{name}: section is required")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        body = raw.get(name) or {}
+        if not isinstance(body, dict):
+            raise RecipeError(f"{name}: expected a mapping of keys, got {type(body).__name__}")
+        if name == "training":
+            for key in body:
+                if key in REFUSED_TRAINING_KEYS:
+                    raise RecipeError(f"training.{key}: not supported: {REFUSED_TRAINING_KEYS[key]}")
+            cls = training_config_class()
+        sections[name] = _build_section(cls, body, name)
+    recipe = Recipe(**sections)
+    _validate_combinations(recipe)
+    return recipe
+
+
+def _build_section(cls: type, body: dict, prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls) if cls.__module__ != "types" else {f.name: f.type for f in fields.values()}
+    values = {}
+    for key, value in body.items():
+        _check_choice(prefix, key, fields, what="key")
+        values[key] = _coerce(value, hints.get(key, Any), f"{prefix}.{key}")
+    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecipeError(f"{prefix}.{missing[0]}: required")
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def _validate_combinations(r: Recipe) -> None:
+    if r.model.trust_remote_code and not r.model.revision:
+        raise RecipeError(
+            "model.trust_remote_code: runs code downloaded with the model; pin model.revision to a commit hash "
+            "so that code cannot change under you"
+        )
+    if r.training.max_length is not None and r.training.max_length <= 0:
+        raise RecipeError(f"training.max_length: must be > 0 or null, got {r.training.max_length}")
+    if r.training.truncation_mode == "keep_end":
+        raise RecipeError("training.truncation_mode: keep_end would cut image tokens out of the prompt")
+    if r.quantization.load_in_4bit and r.model.name_or_path.startswith("zoo:"):
+        pass  # the zoo models quantize like real ones; nothing to refuse
+    if r.lora.target_modules is None and r.quantization.load_in_4bit and r.training.fp16 and r.quantization.compute_dtype == "bfloat16":
+        raise RecipeError("quantization.compute_dtype: bfloat16 compute with training.fp16=true mixes precisions; "
+                          "use compute_dtype float16 or training.bf16")
+    if r.data.eval_split is None and r.training.eval_strategy not in ("no", None):
+        raise RecipeError("training.eval_strategy: evaluation needs data.eval_split")
+    if r.model.name_or_path.startswith("zoo:"):
+        family = r.model.name_or_path.split(":")[1]
+        _check_choice("model.name_or_path", family, FAMILIES, what="zoo family")
+
+
+# --- type checking -----------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a type annotation, converting only where YAML is ambiguous (`1e-4` is a string)."""
+    ok, converted = _try(value, annotation)
+    if ok:
+        return converted
+    raise RecipeError(f"{key}: expected {_describe(annotation)}, got {type(value).__name__} {value!r}")
+
+
+def _try(value: Any, ann: Any) -> tuple[bool, Any]:
+    if ann is Any or ann is object:
+        return True, value
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(ann):
+            ok, v = _try(value, arg)
+            if ok:
+                return True, v
+        return False, None
+    if ann is type(None):
+        return value is None, None
+    if origin is Literal:
+        return value in typing.get_args(ann), value
+    if isinstance(ann, type) and issubclass(ann, enum.Enum):
+        values = {m.value for m in ann}
+        return (value in values, value) if isinstance(value, str) else (isinstance(value, ann), value)
+    if ann is bool:
+        return isinstance(value, bool), value
+    if ann is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if ann is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if ann is str:
+        return isinstance(value, str), value
+    if origin in (list, tuple, typing.Sequence) or ann in (list, tuple):
+        if not isinstance(value, list):
+            return False, None
+        args = typing.get_args(ann)
+        if not args:
+            return True, value
+        out = []
+        for item in value:
+            ok, v = _try(item, args[0])
+            if not ok:
+                return False, None
+            out.append(v)
+        return True, out
+    if origin is dict or ann is dict:
+        return isinstance(value, dict), value
+    return True, value  # an annotation we do not model: SFTConfig validates it when built
+
+
+def _describe(ann: Any) -> str:
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(ann))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
+    if ann is type(None):
+        return "null"
+    if isinstance(ann, type) and issubclass(ann, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in ann)
+    return getattr(ann, "__name__", str(ann))
+
+
+def _check_choice(key: str, value: str, choices: typing.Iterable[str], what: str = "value") -> None:
+    choices = list(choices)
+    if value in choices:
+        return
+    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    if what == "key":
+        raise RecipeError(f"{key}.{value}: unknown key{hint}")
+    if what == "section":
+        raise RecipeError(f"{value}: unknown section{hint}; sections are {', '.join(choices)}")
+    raise RecipeError(f"{key}: unknown {what} '{value}'{hint}; choose from {', '.join(choices)}")
+
+
+def _deepcopy(raw: dict) -> dict:
+    return yaml.safe_load(yaml.safe_dump(raw))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    return value

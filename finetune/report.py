@@ -1,0 +1,48 @@
+"""What a run leaves behind besides the adapter: the resolved recipe, a JSON summary and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from PIL import Image, ImageDraw
+
+
+def write_recipe(recipe, out: Path) -> None:
+    header = "# The resolved recipe this run trained with (defaults filled in, overrides applied).\n"
+    (out / "recipe.yaml").write_text(header + yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def write_summary(summary: dict, out: Path) -> None:
+    (out / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def loss_points(log_history: list[dict]) -> list[tuple[int, float]]:
+    return [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+
+
+def plot_loss(points: list[tuple[int, float]], path: Path, title: str = "training loss") -> None:
+    """A plain line chart drawn with PIL (no plotting dependency for one figure)."""
+    width, height, pad = 640, 400, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((pad, 15), title, fill="black")
+    draw.line([(pad, pad), (pad, height - pad), (width - pad, height - pad)], fill="black")
+    if points:
+        steps = [s for s, _ in points]
+        losses = [v for _, v in points]
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1.0
+        s0, s1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+
+        def xy(step, loss):
+            return (pad + (step - s0) / (s1 - s0) * (width - 2 * pad),
+                    height - pad - (loss - lo) / (hi - lo) * (height - 2 * pad))
+
+        draw.line([xy(s, v) for s, v in points], fill=(31, 119, 180), width=2)
+        draw.text((5, pad - 5), f"{hi:.3f}", fill="black")
+        draw.text((5, height - pad - 5), f"{lo:.3f}", fill="black")
+        draw.text((pad, height - pad + 8), f"step {s0}", fill="black")
+        draw.text((width - pad - 60, height - pad + 8), f"step {s1}", fill="black")
+    image.save(path)
