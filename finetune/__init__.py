@@ -8,10 +8,15 @@ The CLI (`finetune train|check`) and `accelerate launch -m finetune train` call 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
 __version__ = "0.1.0"
+
+# bitsandbytes warns at import on AVX512-bf16 CPUs that an optional hub-downloaded kernel is missing; it then
+# uses its built-in CPU path, which is what runs here. The warning is noise on every command, so it is muted.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def train(recipe, overrides: Sequence[str] = (), overwrite: bool = False) -> Path:

@@ -30,8 +30,8 @@ class Family:
     projector_parameters: tuple[str, ...] = ()
     #: Prefix-LM (PaliGemma): `token_type_ids` = 1 marks causal (answer) tokens, 0 the bidirectional prefix.
     prefix_lm: bool = False
-    #: The processor inserts `<bos>` right after the last image token (PaliGemma), shifting the text.
-    bos_after_images: bool = False
+    #: The processor inserts `<bos>` after the last image token and appends the prompt's closing "\n" (PaliGemma).
+    processor_adds_bos_and_newline: bool = False
     notes: str = ""
 
     def quantization_skip(self) -> list[str]:
@@ -88,7 +88,7 @@ FAMILIES: dict[str, Family] = {
     "paligemma": Family(
         name="PaliGemma / PaliGemma 2",
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
-        image_tokens=r"<image>", end_of_turn="<eos>", prefix_lm=True, bos_after_images=True,
+        image_tokens=r"<image>", end_of_turn="<eos>", prefix_lm=True, processor_adds_bos_and_newline=True,
         notes="Not a chat model: the prefix (image + prompt) attends bidirectionally, answers causally.",
     ),
     "gemma3": Family(

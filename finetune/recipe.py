@@ -382,7 +382,7 @@ def _try(value: Any, ann: Any) -> tuple[bool, Any]:
         return isinstance(value, int) and not isinstance(value, bool), value
     if ann is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
+            return True, value  # an int stays an int: `warmup_steps: 10` means steps, `0.1` a ratio
         if isinstance(value, str):
             try:
                 return True, float(value)

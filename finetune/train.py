@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from .collate import ChatCollator
 from .data import chat_dataset
-from .modeling import load_family, load_model, load_processor, plan_lora, trainable_by_group
+from .families import Family
+from .modeling import LoraPlan, load_family, load_model, load_processor, plan_lora, trainable_by_group
 from .recipe import Recipe, RecipeError, load_recipe
 from .report import loss_points, plot_loss, write_recipe, write_summary
-from .scan import scan
+from .scan import ScanReport, scan
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, ready to `trainer.train()`."""
+
+    recipe: Recipe
+    family: Family
+    processor: object
+    trainer: object
+    lora: LoraPlan
+    train_scan: ScanReport
+    eval_scan: ScanReport | None
 
 
 def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), overwrite: bool = False) -> Path:
@@ -22,7 +37,15 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
         recipe = load_recipe(recipe, overrides)
     out = Path(recipe.training.output_dir)
     _claim_output_dir(out, overwrite)
+    run = prepare(recipe)
+    result = run.trainer.train()
+    if run.trainer.is_world_process_zero():
+        save(run, result, out, started)
+    return out
 
+
+def prepare(recipe: Recipe) -> Run:
+    """Load processor, data (scanned), model and adapters, and build the SFTTrainer."""
     # Processor first: it is cheap, and the data scan needs it before any weights are read.
     model_path, family = load_family(recipe.model)
     processor = load_processor(model_path, recipe.model)
@@ -31,7 +54,6 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
     train_data = chat_dataset(recipe.data, recipe.data.train_split)
     train_scan = scan(train_data, collator, recipe.training.max_length, recipe.data.on_too_long)
     print(f"[finetune] train data: {train_scan.describe()}")
-    train_data = train_data.select(train_scan.kept)
     eval_data = eval_scan = None
     if recipe.data.eval_split:
         eval_data = chat_dataset(recipe.data, recipe.data.eval_split)
@@ -47,7 +69,7 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
     trainer = SFTTrainer(
         model=model,
         args=recipe.sft_config(),
-        train_dataset=train_data,
+        train_dataset=train_data.select(train_scan.kept),
         eval_dataset=eval_data,
         data_collator=collator,
         processing_class=processor,
@@ -55,37 +77,38 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
     )
     trainable = trainable_by_group(trainer.model, family)
     print("[finetune] trainable parameters: " + ", ".join(f"{g} {n:,}" for g, n in trainable.items() if n))
+    return Run(recipe, family, processor, trainer, lora, train_scan, eval_scan)
 
-    result = trainer.train()
 
-    if trainer.is_world_process_zero():
-        trainer.save_model(str(out))
-        (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml records the same, as text
-        processor.save_pretrained(str(out))
-        write_recipe(recipe, out)
-        points = loss_points(trainer.state.log_history)
-        plot_loss(points, out / "loss_curve.png", title=f"training loss - {recipe.model.name_or_path}")
-        write_summary({
-            "base_model": recipe.model.name_or_path,
-            "family": family.name,
-            "steps": trainer.state.global_step,
-            "epochs": trainer.state.epoch,
-            "first_loss": points[0][1] if points else None,
-            "final_loss": points[-1][1] if points else None,
-            "train_loss": result.training_loss,
-            "loss_curve": [{"step": s, "loss": v} for s, v in points],
-            "trainable_parameters": trainable,
-            "lora_modules": {group: len(names) for group, names in lora.modules.items()},
-            "lora_parameters": lora.parameters,
-            "train_data": train_scan.summary(),
-            "eval_data": eval_scan.summary() if eval_scan else None,
-            "wall_time_s": round(time.time() - started, 1),
-            "train_runtime_s": result.metrics.get("train_runtime"),
-            "samples_per_second": result.metrics.get("train_samples_per_second"),
-        }, out)
-        print(f"[finetune] done in {time.time() - started:.0f}s; loss {points[0][1] if points else float('nan'):.4f}"
-              f" -> {points[-1][1] if points else float('nan'):.4f}; outputs in {out}")
-    return out
+def save(run: Run, result, out: Path, started: float) -> None:
+    """Adapter + processor (everything inference needs), the resolved recipe, summary and loss curve."""
+    trainer = run.trainer
+    trainer.save_model(str(out))
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml records the same, as text
+    run.processor.save_pretrained(str(out))
+    write_recipe(run.recipe, out)
+    points = loss_points(trainer.state.log_history)
+    plot_loss(points, out / "loss_curve.png", title=f"training loss - {run.recipe.model.name_or_path}")
+    write_summary({
+        "base_model": run.recipe.model.name_or_path,
+        "family": run.family.name,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "first_loss": points[0][1] if points else None,
+        "final_loss": points[-1][1] if points else None,
+        "train_loss": result.training_loss,
+        "loss_curve": [{"step": s, "loss": v} for s, v in points],
+        "trainable_parameters": trainable_by_group(trainer.model, run.family),
+        "lora_modules": {group: len(names) for group, names in run.lora.modules.items()},
+        "lora_parameters": run.lora.parameters,
+        "train_data": run.train_scan.summary(),
+        "eval_data": run.eval_scan.summary() if run.eval_scan else None,
+        "wall_time_s": round(time.time() - started, 1),
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "samples_per_second": result.metrics.get("train_samples_per_second"),
+    }, out)
+    first, last = (points[0][1], points[-1][1]) if points else (float("nan"), float("nan"))
+    print(f"[finetune] done in {time.time() - started:.0f}s; loss {first:.4f} -> {last:.4f}; outputs in {out}")
 
 
 def _claim_output_dir(out: Path, overwrite: bool) -> None:
