@@ -21,14 +21,14 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 def train(recipe, overrides: Sequence[str] = (), overwrite: bool = False) -> Path:
     """Fine-tune from a recipe (path, dict or `Recipe`); returns the run folder."""
-    from .train import train as _train
+    from .pipeline import train as _train
 
     return _train(recipe, overrides, overwrite=overwrite)
 
 
 def check(recipe, overrides: Sequence[str] = (), show_labels: int = 0, data: bool = True) -> dict:
     """Validate a recipe and (unless `data=False`) scan its data without training; returns the report."""
-    from .check import check as _check
+    from .preflight import check as _check
 
     return _check(recipe, overrides, show_labels=show_labels, data=data)
 

@@ -427,6 +427,12 @@ def build(family: str, preset: str = "tiny"):
     _check(family, preset)
     torch.manual_seed(0)
     model, proc = BUILDERS[family](PRESETS[preset])
+    # Behind the final RMSNorm, an lm_head initialised at std 0.02 caps every logit near 0.02 * hidden: the output
+    # stays near-uniform whatever LoRA learns. Unit-variance logits leave LoRA the room a trained head has.
+    head = model.get_output_embeddings()
+    if head.weight is not model.get_input_embeddings().weight:
+        with torch.no_grad():
+            head.weight.normal_(0.0, head.weight.shape[1] ** -0.5)
     tok = proc.tokenizer
     eos = [tok.eos_token_id] + [i for i in _ids(tok, FAMILY_TABLE[family].end_of_turn) if i != tok.eos_token_id]
     gen = model.generation_config

@@ -8,7 +8,7 @@ from conftest import ROOT
 from finetune import zoo
 from finetune.modeling import group_of
 from finetune.recipe import load_recipe
-from finetune.train import prepare
+from finetune.pipeline import prepare
 
 
 def tiny_recipe(family, tmp_path, *extra):
