@@ -107,8 +107,9 @@ def save(run: Run, result, out: Path, started: float) -> None:
         "train_runtime_s": result.metrics.get("train_runtime"),
         "samples_per_second": result.metrics.get("train_samples_per_second"),
     }, out)
-    first, last = (points[0][1], points[-1][1]) if points else (float("nan"), float("nan"))
-    print(f"[finetune] done in {time.time() - started:.0f}s; loss {first:.4f} -> {last:.4f}; outputs in {out}")
+    loss = (f"loss {points[0][1]:.4f} -> {points[-1][1]:.4f}" if points
+            else f"mean loss {result.training_loss:.4f} (no step logged: lower training.logging_steps)")
+    print(f"[finetune] done in {time.time() - started:.0f}s; {loss}; outputs in {out}")
 
 
 def _claim_output_dir(out: Path, overwrite: bool) -> None:

@@ -1,0 +1,63 @@
+"""Pre-flight scan: over-long samples are dropped or refused with row ids, never truncated; empty ones dropped."""
+
+import json
+
+import pytest
+
+from conftest import image
+from finetune.pipeline import prepare
+from finetune.recipe import load_recipe
+from finetune.scan import DataRefused
+
+
+def chat_rows(tmp_path, n_long=2, n_empty=1, n_ok=5):
+    """A `messages` dataset: short rows, rows with many images (long after expansion), rows with no reply."""
+    (tmp_path / "img").mkdir()
+    image(0, (64, 64)).save(tmp_path / "img" / "a.png")
+    rows = []
+    for i in range(n_ok):
+        rows.append({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "color?"}]},
+                                  {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
+                     "images": ["img/a.png"]})
+    for i in range(n_long):
+        rows.append({"messages": [{"role": "user", "content": [{"type": "image"}] * 6 + [{"type": "text", "text": "?"}]},
+                                  {"role": "assistant", "content": [{"type": "text", "text": "six"}]}],
+                     "images": ["img/a.png"] * 6})
+    for i in range(n_empty):
+        rows.append({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+                     "images": ["img/a.png"]})
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def recipe(tmp_path, data_path, *overrides):
+    return load_recipe({
+        "model": {"name_or_path": "zoo:qwen2_vl", "dtype": "float32"},
+        "data": {"path": str(data_path), "format": "messages"},
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "bf16": False, "max_length": 60,
+                     "gradient_checkpointing": False, "per_device_train_batch_size": 2},
+    }, list(overrides))
+
+
+def test_too_long_and_unsupervised_rows_are_dropped_and_reported(tmp_path):
+    run = prepare(recipe(tmp_path, chat_rows(tmp_path)))
+    summary = run.train_scan.summary()
+    assert summary["rows"] == 8 and summary["kept"] == 5
+    assert summary["dropped"] == {
+        "longer than training.max_length=60": {"count": 2, "row_ids": [5, 6]},
+        "no supervised tokens": {"count": 1, "row_ids": [7]},
+    }
+    assert len(run.trainer.train_dataset) == 5
+    assert max(run.train_scan.lengths) <= 60
+    run.trainer.train()  # the kept rows train without an image-token mismatch
+
+
+def test_too_long_rows_can_be_refused_before_training(tmp_path):
+    with pytest.raises(DataRefused, match=r"2 samples are longer than training.max_length=60.*row ids \[5, 6\]"):
+        prepare(recipe(tmp_path, chat_rows(tmp_path), "data.on_too_long=error"))
+
+
+def test_nothing_trainable_is_refused(tmp_path):
+    with pytest.raises(DataRefused, match="no trainable samples left"):
+        prepare(recipe(tmp_path, chat_rows(tmp_path, n_ok=0), "training.max_length=10"))
