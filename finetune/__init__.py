@@ -38,3 +38,17 @@ def load_recipe(source, overrides: Sequence[str] = ()):
     from .recipe import load_recipe as _load
 
     return _load(source, overrides)
+
+
+def evaluate(target, split=None, limit=None, metric=None, out_dir=None, recipe=None, **kwargs) -> dict:
+    """Generation-based evaluation of a run folder, merged export or base model; returns the metrics."""
+    from .evaluation import evaluate as _evaluate
+
+    return _evaluate(target, split=split, limit=limit, metric=metric, out_dir=out_dir, recipe=recipe, **kwargs)
+
+
+def predict(target, prompt: str, images: Sequence[str] = (), max_new_tokens: int = 32) -> str:
+    """One greedy answer to a prompt about images (paths), from a run folder, merged export or base model."""
+    from .chat import predict as _predict
+
+    return _predict(target, prompt, list(images), max_new_tokens)

@@ -43,6 +43,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-labels", type=int, default=0, metavar="N",
                    help="print N collated samples with the loss-carrying tokens marked [[like this]]")
     p.add_argument("--no-data", action="store_true", help="validate the recipe only; do not load the processor or data")
+    p = sub.add_parser("eval", help="score a run, merged export or base model on held-out data",
+                       description="Greedy generation on a split, scored per task (ChartQA relaxed accuracy, exact "
+                                   "match, ANLS, VQA accuracy). Writes predictions.jsonl and metrics.json.",
+                       epilog="example: finetune eval runs/tiny-chartqa --split test --limit 50")
+    p.add_argument("target", help="run folder, merged export folder, model folder, hub id or zoo:<family>")
+    p.add_argument("--split", help="split to evaluate (default: the recipe's data.eval_split)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--metric", help="relaxed_accuracy, exact_match, anls or vqa_accuracy")
+    p.add_argument("--recipe", help="recipe giving the data, for targets without a recipe.yaml")
+    p.add_argument("--out", help="folder for predictions.jsonl and metrics.json (default: TARGET/eval)")
+    p.add_argument("--batch-size", type=int, default=8)
+
+    p = sub.add_parser("predict", help="answer a prompt about an image, or every row of a JSONL file",
+                       description="Answer with the same chat template, system prompt and image settings as training.",
+                       epilog="examples:\n  finetune predict runs/tiny-chartqa --image chart.png --prompt "
+                              "'Which color is the tallest bar?'\n  finetune predict runs/tiny-chartqa --data "
+                              "questions.jsonl --out answers.jsonl   # rows: {\"prompt\": ..., \"images\": [...]}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help="run folder, merged export folder, model folder, hub id or zoo:<family>")
+    p.add_argument("--image", action="append", default=[], help="image path (repeat for several images)")
+    p.add_argument("--prompt", help="the question")
+    p.add_argument("--data", help="JSONL file of {prompt, images} rows to answer instead")
+    p.add_argument("--out", help="where --data answers go (default: <data>.predictions.jsonl)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with images by path",
+                       description="Type a message and press enter. /image PATH attaches an image to your next "
+                                   "message, /reset starts over, /exit (or end of input) quits.")
+    p.add_argument("target", help="run folder, merged export folder, model folder, hub id or zoo:<family>")
+    p.add_argument("--max-new-tokens", type=int, default=64)
     return parser
 
 
@@ -78,7 +108,24 @@ def main(argv: list[str] | None = None) -> int:
             print(out)
         elif args.command == "check":
             finetune.check(args.recipe, args.overrides, show_labels=args.show_labels, data=not args.no_data)
-    except (RecipeError, DataError, DataRefused, TemplateError, UnsupportedModelError) as e:
+        elif args.command == "eval":
+            finetune.evaluate(args.target, split=args.split, limit=args.limit, metric=args.metric,
+                              recipe=args.recipe, out_dir=args.out, batch_size=args.batch_size)
+        elif args.command == "predict":
+            from .chat import predict, predict_file
+
+            if args.data:
+                print(predict_file(args.target, args.data, args.out or f"{args.data}.predictions.jsonl",
+                                   args.max_new_tokens))
+            elif args.prompt:
+                print(predict(args.target, args.prompt, args.image, args.max_new_tokens))
+            else:
+                parser.error("predict needs --prompt (with --image) or --data")
+        elif args.command == "chat":
+            from .chat import chat
+
+            chat(args.target, max_new_tokens=args.max_new_tokens)
+    except (RecipeError, DataError, DataRefused, TemplateError, UnsupportedModelError, FileNotFoundError) as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -28,6 +28,8 @@ class Run:
     lora: LoraPlan
     train_scan: ScanReport
     eval_scan: ScanReport | None
+    train_data: object = None  # the scanned (kept) rows, as datasets.Dataset
+    eval_data: object = None
 
 
 def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), overwrite: bool = False) -> Path:
@@ -41,6 +43,10 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
     result = run.trainer.train()
     if run.trainer.is_world_process_zero():
         save(run, result, out, started)
+        if run.eval_data is not None and recipe.evaluation.enabled:
+            from .evaluation import before_after
+
+            before_after(run, out)
     return out
 
 
@@ -77,7 +83,13 @@ def prepare(recipe: Recipe) -> Run:
     )
     trainable = trainable_by_group(trainer.model, family)
     print("[finetune] trainable parameters: " + ", ".join(f"{g} {n:,}" for g, n in trainable.items() if n))
-    return Run(recipe, family, processor, trainer, lora, train_scan, eval_scan)
+    run = Run(recipe, family, processor, trainer, lora, train_scan, eval_scan,
+              train_data.select(train_scan.kept), eval_data)
+    if recipe.evaluation.every_n_steps:
+        from .evaluation import during_training
+
+        during_training(run)
+    return run
 
 
 def save(run: Run, result, out: Path, started: float) -> None:

@@ -130,6 +130,37 @@ class ExportConfig:
     merge_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
 
+@dataclass
+class EvaluationConfig:
+    """Generation-based evaluation on `data.eval_split`: before/after training, and optionally during it."""
+
+    #: Evaluate the base model and the fine-tuned one at the end of training and write report.md.
+    enabled: bool = True
+    #: Held-out samples to generate for (None = the whole split).
+    limit: int | None = 100
+    #: relaxed_accuracy, exact_match, anls or vqa_accuracy; None = the data format's usual one.
+    metric: str | None = None
+    max_new_tokens: int = 16
+    batch_size: int = 8
+    #: Also evaluate every N optimizer steps during training (on `during_limit` samples) and log it; None = off.
+    every_n_steps: int | None = None
+    during_limit: int = 32
+    #: Keep the adapter with the best in-training score in `<output_dir>/best` (needs every_n_steps).
+    keep_best: bool = False
+
+    def validate(self) -> None:
+        from .metrics import METRICS
+
+        if self.metric is not None:
+            _check_choice("evaluation.metric", self.metric, METRICS, what="metric")
+        for key in ("limit", "max_new_tokens", "batch_size", "every_n_steps", "during_limit"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise RecipeError(f"evaluation.{key}: must be > 0, got {value}")
+        if self.keep_best and not self.every_n_steps:
+            raise RecipeError("evaluation.keep_best: needs evaluation.every_n_steps to pick the best adapter")
+
+
 # finetune's defaults where they differ from SFTConfig's, each for a reason.
 TRAINING_DEFAULTS: dict[str, Any] = {
     # Our collator needs the raw `messages`/`images` columns, not the model's forward signature.
@@ -184,6 +215,7 @@ class Recipe:
     #: `trl.SFTConfig` fields (see `training_config_class`).
     training: Any
     export: ExportConfig
+    evaluation: EvaluationConfig
     #: The file this recipe came from (None when built from a dict).
     source: Path | None = None
 
@@ -210,7 +242,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Only the values that differ from defaults for `training`; every field for the other sections."""
-        out = {name: dataclasses.asdict(getattr(self, name)) for name in ("model", "data", "lora", "quantization", "export")}
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in ("model", "data", "lora", "quantization", "export", "evaluation")}
         default_training = training_config_class()()
         out["training"] = {
             f.name: getattr(self.training, f.name)
@@ -227,6 +259,7 @@ SECTIONS = {
     "quantization": QuantizationConfig,
     "training": None,  # resolved lazily: importing trl is slow and `finetune --help` should not pay for it
     "export": ExportConfig,
+    "evaluation": EvaluationConfig,
 }
 REQUIRED_SECTIONS = ("model", "data")
 
@@ -341,6 +374,8 @@ def _validate_combinations(r: Recipe) -> None:
     if r.lora.target_modules is None and r.quantization.load_in_4bit and r.training.fp16 and r.quantization.compute_dtype == "bfloat16":
         raise RecipeError("quantization.compute_dtype: bfloat16 compute with training.fp16=true mixes precisions; "
                           "use compute_dtype float16 or training.bf16")
+    if r.evaluation.every_n_steps and not r.data.eval_split:
+        raise RecipeError("evaluation.every_n_steps: evaluation needs data.eval_split")
     if r.data.eval_split is None and r.training.eval_strategy not in ("no", None):
         raise RecipeError("training.eval_strategy: evaluation needs data.eval_split")
     if r.model.name_or_path.startswith("zoo:"):

@@ -46,3 +46,55 @@ def plot_loss(points: list[tuple[int, float]], path: Path, title: str = "trainin
         draw.text((pad, height - pad + 8), f"step {s0}", fill="black")
         draw.text((width - pad - 60, height - pad + 8), f"step {s1}", fill="black")
     image.save(path)
+
+
+def metric_table(result: dict) -> str:
+    """The before/after table, as markdown."""
+    metric = result["metric"]
+    rows = [("base model", result["base"]), ("fine-tuned", result["tuned"]),
+            ("majority answer (no image)", result["majority_answer"]),
+            ("majority answer per question (no image)", result["majority_per_question"])]
+    lines = [f"| {result['split']} split, {result['n']} samples | {metric} |", "|---|---|"]
+    lines += [f"| {name} | {value:.3f} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, run, result: dict, records: list[dict], n_examples: int = 8) -> str:
+    """report.md: recipe, data, loss curve, before/after metrics and example predictions."""
+    table = metric_table(result)
+    summary = json.loads((out / "run_summary.json").read_text())
+    examples = "\n".join(
+        f"| {r['id']} | {r['prompt']} | {r['prediction']} | {' / '.join(r['references'])} | {r['score']:.2f} |"
+        for r in records[:n_examples])
+    text = f"""# Fine-tuning report: {run.recipe.model.name_or_path}
+
+Family: {run.family.name}. Steps: {summary['steps']}. Loss {summary['first_loss']} -> {summary['final_loss']}.
+Wall time: {summary['wall_time_s']} s.
+
+## Held-out results
+
+{table}
+
+## Loss curve
+
+![loss curve](loss_curve.png)
+
+## Data
+
+```json
+{json.dumps(summary['train_data'], indent=2)}
+```
+
+## Example predictions (fine-tuned)
+
+| row | question | prediction | reference | score |
+|---|---|---|---|---|
+{examples}
+
+## Recipe
+
+```yaml
+{(out / 'recipe.yaml').read_text()}```
+"""
+    (out / "report.md").write_text(text, encoding="utf-8")
+    return table

@@ -1,0 +1,208 @@
+"""Generation-based evaluation: greedy answers on a held-out split, scored per task, written as JSONL + JSON."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .data import chat_dataset
+from .inference import Target, generate, load_target, prompt_messages
+from .metrics import DEFAULT_METRIC, METRICS, normalize
+from .recipe import Recipe, RecipeError, load_recipe
+
+
+@dataclass
+class Example:
+    row_id: int
+    prompt: list[dict]
+    images: list
+    references: list[str]
+
+
+def examples(dataset, limit: int | None = None) -> list[Example]:
+    """Prompt (conversation minus the final reply) and reference answers of each row."""
+    out = []
+    for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
+        sample = dataset[i]
+        reply = sample["messages"][-1]
+        if reply["role"] != "assistant":
+            continue
+        text = "".join(p["text"] for p in reply["content"] if p["type"] == "text")
+        out.append(Example(sample["row_id"], prompt_messages(sample["messages"]), sample["images"], [text]))
+    return out
+
+
+def metric_for(recipe: Recipe, metric: str | None) -> str:
+    name = metric or recipe.evaluation.metric or DEFAULT_METRIC.get(recipe.data.format, "exact_match")
+    if name not in METRICS:
+        raise RecipeError(f"evaluation.metric: unknown metric '{name}'; choose from {', '.join(METRICS)}")
+    return name
+
+
+def score(target: Target, items: list[Example], metric: str, batch_size: int = 8, max_new_tokens: int = 16,
+          desc: str = "eval") -> tuple[float, list[dict]]:
+    """Mean score and one record per example (id, prompt, prediction, references, score)."""
+    fn = METRICS[metric]
+    records = []
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = items[start:start + batch_size]
+        answers = generate(target, [e.prompt for e in chunk], [e.images for e in chunk], max_new_tokens)
+        for example, answer in zip(chunk, answers):
+            question = " ".join(p["text"] for p in example.prompt[-1]["content"] if p["type"] == "text")
+            records.append({"id": example.row_id, "prompt": question, "prediction": answer,
+                            "references": example.references, "score": fn(answer, example.references)})
+    mean = sum(r["score"] for r in records) / len(records) if records else 0.0
+    return mean, records
+
+
+def majority_baselines(train_items: list[Example], eval_items: list[Example], metric: str) -> dict[str, float]:
+    """What answering without the image scores: the most common training answer, overall and per question."""
+    fn = METRICS[metric]
+    answers = Counter(normalize(e.references[0]) for e in train_items)
+    overall = answers.most_common(1)[0][0] if answers else ""
+    per_question: dict[str, Counter] = {}
+    for e in train_items:
+        per_question.setdefault(_question(e), Counter())[normalize(e.references[0])] += 1
+
+    def mean(guess) -> float:
+        return sum(fn(guess(e), e.references) for e in eval_items) / max(1, len(eval_items))
+
+    return {
+        "majority_answer": mean(lambda e: overall),
+        "majority_per_question": mean(lambda e: per_question[_question(e)].most_common(1)[0][0]
+                                      if _question(e) in per_question else overall),
+    }
+
+
+def _question(e: Example) -> str:
+    return normalize(" ".join(p["text"] for p in e.prompt[-1]["content"] if p["type"] == "text"))
+
+
+def evaluate(target: str | Path | Target, split: str | None = None, limit: int | None = None,
+             metric: str | None = None, out_dir: str | Path | None = None, recipe: Recipe | str | None = None,
+             batch_size: int = 8, max_new_tokens: int = 16) -> dict:
+    """Evaluate a run folder, merged export or base model; writes predictions.jsonl and metrics.json."""
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe)
+    if not isinstance(target, Target):
+        target = load_target(target, recipe)
+    recipe = recipe or target.recipe
+    if recipe is None:
+        raise RecipeError(f"{target.name}: no recipe.yaml beside it; pass --recipe to say which data to evaluate on")
+    split = split or recipe.data.eval_split
+    if not split:
+        raise RecipeError("data.eval_split: not set; pass --split")
+    name = metric_for(recipe, metric)
+    items = examples(chat_dataset(recipe.data, split), limit)
+    value, records = score(target, items, name, batch_size, max_new_tokens, desc=f"eval {split}")
+    result = {"target": target.name, "kind": target.kind, "split": split, "metric": name, "score": value,
+              "n": len(records)}
+    out = Path(out_dir) if out_dir else (Path(target.name) / "eval" if Path(target.name).is_dir() else Path("eval"))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"[finetune] {name} on {split} ({len(records)} samples): {value:.3f}; predictions in {out}")
+    return result
+
+
+class GenerationEvalCallback:
+    """Every N steps: a small generation-based eval, logged with the loss; optionally keeps the best adapter."""
+
+    def __init__(self, target: Target, items: list[Example], metric: str, every: int, keep_best_dir: Path | None,
+                 batch_size: int, max_new_tokens: int):
+        self.target, self.items, self.metric, self.every = target, items, metric, every
+        self.keep_best_dir, self.batch_size, self.max_new_tokens = keep_best_dir, batch_size, max_new_tokens
+        self.trainer = None  # set once the trainer exists; the callback logs through it
+        self.best: float | None = None
+
+    def as_trainer_callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step % outer.every == 0:
+                    outer.run(state.global_step, model)
+
+        return _Callback()
+
+    def run(self, step: int, model) -> float:
+        model.eval()
+        value, _ = score(self.target, self.items, self.metric, self.batch_size, self.max_new_tokens,
+                         desc=f"eval @ step {step}")
+        model.train()
+        self.trainer.log({f"eval_{self.metric}": value})
+        if self.keep_best_dir is not None and (self.best is None or value > self.best):
+            self.best = value
+            _save_adapter_atomically(self.trainer, self.keep_best_dir, {"step": step, self.metric: value})
+        return value
+
+
+def _save_adapter_atomically(trainer, final: Path, meta: dict) -> None:
+    """Write to a temporary sibling, then swap it in, so `best/` is always a complete adapter."""
+    import shutil
+
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(str(tmp))
+    (tmp / "best.json").write_text(json.dumps(meta) + "\n")
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def generation_target(run) -> Target:
+    """The model being trained, with its own left-padding copy of the processor, as an evaluation target."""
+    import copy
+
+    processor = copy.deepcopy(run.processor)
+    processor.tokenizer.padding_side = "left"
+    return Target(run.trainer.model, processor, run.family, run.recipe, "adapter", run.recipe.training.output_dir)
+
+
+def during_training(run) -> GenerationEvalCallback:
+    """Attach the every-N-steps generation eval to the run's trainer."""
+    cfg = run.recipe.evaluation
+    out = Path(run.recipe.training.output_dir)
+    callback = GenerationEvalCallback(
+        generation_target(run), examples(run.eval_data, cfg.during_limit), metric_for(run.recipe, None),
+        cfg.every_n_steps, out / "best" if cfg.keep_best else None, cfg.batch_size, cfg.max_new_tokens)
+    callback.trainer = run.trainer
+    run.trainer.add_callback(callback.as_trainer_callback())
+    return callback
+
+
+def before_after(run, out: Path) -> dict:
+    """Score the base model (adapters disabled) and the fine-tuned one on the held-out split; write report.md."""
+    from .report import write_report
+
+    cfg = run.recipe.evaluation
+    metric = metric_for(run.recipe, None)
+    target = generation_target(run)
+    items = examples(run.eval_data, cfg.limit)
+    model = run.trainer.model
+    model.eval()
+    with model.disable_adapter():
+        base, _ = score(target, items, metric, cfg.batch_size, cfg.max_new_tokens, desc="eval base")
+    tuned, records = score(target, items, metric, cfg.batch_size, cfg.max_new_tokens, desc="eval tuned")
+    baselines = majority_baselines(examples(run.train_data, 2000), items, metric)
+    result = {"metric": metric, "split": run.recipe.data.eval_split, "n": len(items), "base": base, "tuned": tuned,
+              **baselines}
+    eval_dir = out / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    with open(eval_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    (eval_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    table = write_report(out, run, result, records)
+    print(f"\n{table}\n\n[finetune] report: {out / 'report.md'}")
+    return result

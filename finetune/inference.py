@@ -1,0 +1,85 @@
+"""Load what a run produced (run folder = base + adapter, merged export, or a plain base model) and generate.
+
+Generation uses the same chat template, system prompt and processor settings as training: the processor saved
+in the run folder, and the recipe saved beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .families import Family
+from .modeling import load_family, load_model, load_processor, resolve_model_path
+from .recipe import ModelConfig, QuantizationConfig, Recipe, load_recipe
+
+
+@dataclass
+class Target:
+    """A model ready to answer: model, its processor and family, and the recipe it came from (if any)."""
+
+    model: object
+    processor: object
+    family: Family
+    recipe: Recipe | None
+    kind: str  # "adapter", "merged" or "base"
+    name: str
+
+
+def load_target(target: str | Path, recipe: Recipe | None = None) -> Target:
+    """A run folder (adapter + recipe.yaml), a merged export, a local model folder, a hub id or `zoo:<family>`."""
+    path = Path(str(target))
+    if recipe is None and (path / "recipe.yaml").is_file():
+        recipe = load_recipe(path / "recipe.yaml")
+    if (path / "adapter_config.json").is_file():
+        if recipe is None:
+            raise FileNotFoundError(f"{path}: an adapter folder needs its recipe.yaml to know the base model")
+        from peft import PeftModel
+
+        base_path, family = load_family(recipe.model)
+        base = load_model(base_path, recipe.model, recipe.quantization, family)
+        model = PeftModel.from_pretrained(base, str(path))
+        processor = load_processor(str(path), recipe.model)  # saved by the run: same template and image settings
+        kind = "adapter"
+    else:
+        cfg = ModelConfig(name_or_path=str(target), dtype="float32" if not torch.cuda.is_available() else "auto")
+        model_path, family = load_family(cfg)
+        model = load_model(model_path, cfg, QuantizationConfig(), family)
+        processor = load_processor(model_path, cfg)
+        kind = "merged" if (path / "config.json").is_file() and recipe is not None else "base"
+    model.eval()
+    processor.tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
+    return Target(model, processor, family, recipe, kind, str(target))
+
+
+def base_of(run_dir: str | Path) -> str:
+    """The base model a run folder was trained from, as a loadable path."""
+    return resolve_model_path(load_recipe(Path(run_dir) / "recipe.yaml").model.name_or_path)
+
+
+def prompt_messages(messages: list[dict]) -> list[dict]:
+    """The conversation up to (not including) its final assistant reply."""
+    end = len(messages)
+    while end and messages[end - 1]["role"] == "assistant":
+        end -= 1
+    return messages[:end]
+
+
+@torch.no_grad()
+def generate(target: Target, conversations: list[list[dict]], images: list[list], max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers, one per conversation (each ends with a user turn), in one left-padded batch."""
+    processor = target.processor
+    texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+    kwargs = dict(padding=True, return_tensors="pt")
+    bos = processor.tokenizer.bos_token
+    if bos and all(t.startswith(bos) for t in texts):
+        kwargs["add_special_tokens"] = False
+    batch = processor(text=texts, images=images if any(images) else None, **kwargs)
+    batch.pop("labels", None)
+    batch = batch.to(target.model.device)
+    prompt_length = batch["input_ids"].shape[1]
+    output = target.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=processor.tokenizer.pad_token_id)
+    return [text.strip() for text in processor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)]
