@@ -13,7 +13,7 @@ from .data import chat_dataset
 from .families import Family
 from .modeling import LoraPlan, load_family, load_model, load_processor, plan_lora, trainable_by_group
 from .recipe import Recipe, RecipeError, load_recipe
-from .report import loss_points, plot_loss, write_recipe, write_summary
+from .report import loss_points, metric_points, plot_loss, write_recipe, write_summary
 from .scan import ScanReport, scan
 
 
@@ -100,7 +100,8 @@ def save(run: Run, result, out: Path, started: float) -> None:
     run.processor.save_pretrained(str(out))
     write_recipe(run.recipe, out)
     points = loss_points(trainer.state.log_history)
-    plot_loss(points, out / "loss_curve.png", title=f"training loss - {run.recipe.model.name_or_path}")
+    plot_loss(points, out / "loss_curve.png", title=f"training loss - {run.recipe.model.name_or_path}",
+              metric=metric_points(trainer.state.log_history))
     write_summary({
         "base_model": run.recipe.model.name_or_path,
         "family": run.family.name,
@@ -110,6 +111,7 @@ def save(run: Run, result, out: Path, started: float) -> None:
         "final_loss": points[-1][1] if points else None,
         "train_loss": result.training_loss,
         "loss_curve": [{"step": s, "loss": v} for s, v in points],
+        "eval_during_training": metric_points(trainer.state.log_history),
         "trainable_parameters": trainable_by_group(trainer.model, run.family),
         "lora_modules": {group: len(names) for group, names in run.lora.modules.items()},
         "lora_parameters": run.lora.parameters,

@@ -22,8 +22,18 @@ def loss_points(log_history: list[dict]) -> list[tuple[int, float]]:
     return [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
 
 
-def plot_loss(points: list[tuple[int, float]], path: Path, title: str = "training loss") -> None:
-    """A plain line chart drawn with PIL (no plotting dependency for one figure)."""
+def metric_points(log_history: list[dict]) -> tuple[str, list[tuple[int, float]]] | None:
+    """The in-training generation eval (`eval_<metric>` entries), if any."""
+    for entry in log_history:
+        for key in entry:
+            if key.startswith("eval_") and key not in ("eval_loss", "eval_runtime") and "per_second" not in key:
+                return key, [(e["step"], e[key]) for e in log_history if key in e]
+    return None
+
+
+def plot_loss(points: list[tuple[int, float]], path: Path, title: str = "training loss",
+              metric: tuple[str, list[tuple[int, float]]] | None = None) -> None:
+    """A plain line chart drawn with PIL (no plotting dependency for one figure); an eval metric on a 0-1 axis."""
     width, height, pad = 640, 400, 50
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -45,6 +55,19 @@ def plot_loss(points: list[tuple[int, float]], path: Path, title: str = "trainin
         draw.text((5, height - pad - 5), f"{lo:.3f}", fill="black")
         draw.text((pad, height - pad + 8), f"step {s0}", fill="black")
         draw.text((width - pad - 60, height - pad + 8), f"step {s1}", fill="black")
+        if metric and metric[1]:
+            name, values = metric
+
+            def mxy(step, value):
+                return xy(step, lo)[0], height - pad - value * (height - 2 * pad)
+
+            draw.line([mxy(s, v) for s, v in values], fill=(214, 39, 40), width=2)
+            for s, v in values:
+                x, y = mxy(s, v)
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(214, 39, 40))
+            draw.text((width - pad + 5, pad - 5), "1.0", fill=(214, 39, 40))
+            draw.text((width - pad + 5, height - pad - 5), "0.0", fill=(214, 39, 40))
+            draw.text((width - 260, 15), f"red: {name} (right axis)", fill=(214, 39, 40))
     image.save(path)
 
 

@@ -40,6 +40,8 @@ def test_training_writes_before_after_report(run_dir):
     # The in-training evaluation ran at steps 6 and 12, was logged with the loss, and kept the best adapter.
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["steps"] == 12
+    name, points = summary["eval_during_training"]
+    assert name == "eval_relaxed_accuracy" and [step for step, _ in points] == [6, 12]
     best = json.loads((run_dir / "best" / "best.json").read_text())
     assert best["step"] in (6, 12) and (run_dir / "best" / "adapter_model.safetensors").is_file()
 
