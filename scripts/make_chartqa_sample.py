@@ -25,21 +25,20 @@ PALETTE = {
     "orange": (255, 140, 0), "purple": (140, 40, 180), "yellow": (240, 210, 0),
 }
 COLORS = list(PALETTE)
-COUNTS = ["2", "3", "4", "5"]
+COUNTS = ["2", "3", "4"]
 TEMPLATES = {  # question type -> (query, possible answers)
     "tallest": ("Which color is the tallest bar?", COLORS),
-    "shortest": ("Which color is the shortest bar?", COLORS),
     "count": ("How many bars are in the chart?", COUNTS),
     "leftmost": ("What color is the leftmost bar?", COLORS),
 }
 LEFT, RIGHT, TOP, BOTTOM = 10, SIZE - 4, 6, SIZE - 10  # plot area inside the axes
 AXIS = BOTTOM - TOP  # full bar height in pixels
-MARGIN = round(0.15 * AXIS) + 1  # tallest/shortest bar beats the rest by more than 15% of the axis
+
 
 
 def make_bars(kind, answer, rng):
     """Build (colours, heights) for a chart whose correct answer to `kind` is `answer`."""
-    n = int(answer) if kind == "count" else rng.randint(2, 5)
+    n = int(answer) if kind == "count" else rng.randint(2, 4)
     colors = rng.sample(COLORS, n)  # distinct colours, so colour answers are unambiguous
     if kind != "count" and answer not in colors:
         colors[rng.randrange(n)] = answer
@@ -48,16 +47,10 @@ def make_bars(kind, answer, rng):
         colors[0], colors[i] = colors[i], colors[0]
     lo, hi = round(0.08 * AXIS), AXIS
     heights = [rng.randint(lo, hi) for _ in range(n)]
-    if kind in ("tallest", "shortest"):
-        target = colors.index(answer)  # position is random thanks to sample() above
-        if kind == "tallest":
-            top = rng.randint(lo + MARGIN + 10, hi)
-            heights = [rng.randint(lo, top - MARGIN) for _ in range(n)]
-            heights[target] = top
-        else:
-            low = rng.randint(lo, hi - MARGIN - 10)
-            heights = [rng.randint(low + MARGIN, hi) for _ in range(n)]
-            heights[target] = low
+    if kind == "tallest":
+        target = colors.index(answer)
+        heights = [rng.randint(round(0.1 * AXIS), round(0.5 * AXIS)) for _ in range(n)]
+        heights[target] = rng.randint(round(0.85 * AXIS), AXIS)
     return colors, heights
 
 
@@ -65,7 +58,7 @@ def draw_chart(colors, heights):
     img = Image.new("RGB", (SIZE, SIZE), "white")
     d = ImageDraw.Draw(img)
     slot = (RIGHT - LEFT) / len(colors)
-    width = slot * 0.7  # leave visible gaps so bars can be counted
+    width = slot * 0.8  # leave visible gaps so bars can be counted
     for i, (c, h) in enumerate(zip(colors, heights)):
         x0 = round(LEFT + i * slot + (slot - width) / 2)
         d.rectangle([x0, BOTTOM - h, round(x0 + width) - 1, BOTTOM - 1], fill=PALETTE[c])
@@ -110,8 +103,8 @@ def generate(out, n_train, n_test, seed):
         "# chartqa-tiny\n\nA tiny synthetic bar-chart QA set in the schema of HuggingFaceM4/ChartQA "
         "(`image`, `query`, `label` = [answer], `human_or_machine` = 0), for smoke-testing "
         "fine-tuning end to end. `image` is a 112x112 RGB PNG path relative to this folder. "
-        "Questions: tallest bar colour, shortest bar colour, number of bars, leftmost bar colour "
-        "(one per image, types balanced; the tallest/shortest bar wins by more than 15% of the axis).\n\n"
+        "Questions: tallest bar colour, number of bars, leftmost bar colour (one per image, types "
+        "balanced; the tallest bar reaches 85-100% of the axis, every other bar 10-50%).\n\n"
         f"Generated (deterministically) with:\n\n    python scripts/make_chartqa_sample.py "
         f"--train {n_train} --test {n_test} --seed {seed}\n\n"
         "Check that it is up to date with `--check`.\n\nAnswer distribution:\n\n"
@@ -121,8 +114,8 @@ def generate(out, n_train, n_test, seed):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="data/chartqa-tiny")
-    p.add_argument("--train", type=int, default=400)
-    p.add_argument("--test", type=int, default=100)
+    p.add_argument("--train", type=int, default=1000)
+    p.add_argument("--test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true", help="compare a fresh run against --out")
     args = p.parse_args(argv)

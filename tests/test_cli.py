@@ -72,7 +72,7 @@ def test_python_api_and_module_entry_point_give_the_same_adapter(tmp_path):
 def test_check_shows_which_tokens_carry_loss():
     result = run(str(BIN / "finetune"), "check", "recipes/tiny-chartqa.yaml", "--show-labels", "1",
                  "model.name_or_path=zoo:qwen2_vl")
-    assert "400 rows, 400 trainable" in result.stdout
+    assert "1000 rows, 1000 trainable" in result.stdout
     marked = result.stdout.split("carry loss ---", 1)[1]
     assert "<|image_pad|>x" in marked  # image tokens collapsed, outside the marks
     trained = marked.split("[[", 1)[1].split("]]", 1)[0]
