@@ -76,3 +76,24 @@ def test_predict_over_a_jsonl_file(run_dir, tmp_path):
     out = Path(cli("predict", str(run_dir), "--data", str(rows)).strip().splitlines()[-1])
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert answers[0]["prediction"] == finetune.predict(run_dir, QUESTION, [str(CHART)])
+
+
+def test_merged_export_answers_like_the_adapter(run_dir, tmp_path):
+    """A merged folder (weights + processor + recipe.yaml) serves predict and chat with the same answers."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from finetune.inference import base_of
+
+    merged = tmp_path / "merged"
+    base = AutoModelForImageTextToText.from_pretrained(base_of(run_dir))
+    PeftModel.from_pretrained(base, str(run_dir)).merge_and_unload().save_pretrained(merged)
+    for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "recipe.yaml"):
+        shutil.copy(run_dir / name, merged / name)
+    from_adapter = finetune.predict(run_dir, QUESTION, [str(CHART)])
+    assert finetune.predict(merged, QUESTION, [str(CHART)]) == from_adapter
+    transcript = cli("chat", str(merged), stdin=f"/image {CHART}\n{QUESTION}\n/exit\n")
+    assert [line.split("model> ", 1)[1] for line in transcript.splitlines() if "model> " in line] == [from_adapter]
