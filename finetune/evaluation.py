@@ -139,7 +139,8 @@ class GenerationEvalCallback:
                          desc=f"eval @ step {step}")
         model.train()
         self.trainer.log({f"eval_{self.metric}": value})
-        if self.keep_best_dir is not None and (self.best is None or value > self.best):
+        if (self.keep_best_dir is not None and self.trainer.is_world_process_zero()
+                and (self.best is None or value > self.best)):
             self.best = value
             _save_adapter_atomically(self.trainer, self.keep_best_dir, {"step": step, self.metric: value})
         return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     out = Path(recipe.training.output_dir)
-    _claim_output_dir(out, overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:  # one process decides about the folder; the others only train
+        _claim_output_dir(out, overwrite)
     run = prepare(recipe)
     result = run.trainer.train()
     if run.trainer.is_world_process_zero():
@@ -74,7 +76,7 @@ def prepare(recipe: Recipe) -> Run:
 
     trainer = SFTTrainer(
         model=model,
-        args=recipe.sft_config(),
+        args=recipe.sft_config(**_runtime_overrides(recipe)),
         train_dataset=train_data.select(train_scan.kept),
         eval_dataset=eval_data,
         data_collator=collator,
@@ -124,6 +126,17 @@ def save(run: Run, result, out: Path, started: float) -> None:
     loss = (f"loss {points[0][1]:.4f} -> {points[-1][1]:.4f}" if points
             else f"mean loss {result.training_loss:.4f} (no step logged: lower training.logging_steps)")
     print(f"[finetune] done in {time.time() - started:.0f}s; {loss}; outputs in {out}")
+
+
+def _runtime_overrides(recipe: Recipe) -> dict:
+    """Settings that depend on how the run was launched, not on the recipe."""
+    import torch
+
+    # Under torchrun/accelerate on a machine without CUDA, transformers only joins the process group (gloo) when
+    # use_cpu is set; without it every process silently trains alone and they all write the same folder.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not recipe.training.use_cpu:
+        return {"use_cpu": True}
+    return {}
 
 
 def _claim_output_dir(out: Path, overwrite: bool) -> None:
