@@ -72,10 +72,11 @@ def prepare(recipe: Recipe) -> Run:
     model = load_model(model_path, recipe.model, recipe.quantization, family)
     lora = plan_lora(model, family, recipe.lora)
 
-    from trl import SFTTrainer
+    from .trainer import Trainer
 
-    trainer = SFTTrainer(
+    trainer = Trainer(
         model=model,
+        lengths=train_scan.lengths,
         args=recipe.sft_config(**_runtime_overrides(recipe)),
         train_dataset=train_data.select(train_scan.kept),
         eval_dataset=eval_data,
