@@ -52,3 +52,18 @@ def predict(target, prompt: str, images: Sequence[str] = (), max_new_tokens: int
     from .chat import predict as _predict
 
     return _predict(target, prompt, list(images), max_new_tokens)
+
+
+def merge(run_dir, out=None, dtype=None, onto: str = "original", parity: bool = True, tolerance=None,
+          **kwargs) -> Path:
+    """Merge a run's adapter into its base model, save a standalone export and check parity; returns the folder."""
+    from .export import merge as _merge
+
+    return _merge(run_dir, out=out, dtype=dtype, onto=onto, parity=parity, tolerance=tolerance, **kwargs)
+
+
+def push(target, repo_id=None, private=None, revision=None, merged=None, token=None, **kwargs) -> str:
+    """Upload a run's adapter (or merged export) with processor files and a model card; returns the commit URL."""
+    from .hub import push as _push
+
+    return _push(target, repo_id, private=private, revision=revision, merged=merged, token=token, **kwargs)

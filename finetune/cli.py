@@ -13,6 +13,8 @@ examples:
   finetune train recipes/tiny-chartqa.yaml
   accelerate launch -m finetune train recipes/qwen2_5-vl-7b-qlora.yaml
   finetune check recipes/tiny-chartqa.yaml --show-labels 2
+  finetune merge runs/tiny-chartqa --dtype float32
+  finetune push runs/tiny-chartqa --repo alice/tiny-chartqa --private
 """
 
 
@@ -73,6 +75,47 @@ def build_parser() -> argparse.ArgumentParser:
                                    "message, /reset starts over, /exit (or end of input) quits.")
     p.add_argument("target", help="run folder, merged export folder, model folder, hub id or zoo:<family>")
     p.add_argument("--max-new-tokens", type=int, default=64)
+
+    p = sub.add_parser("merge", help="merge a run's adapter into its base model and check parity",
+                       description="Reload the base model in full precision, merge the LoRA adapter, and save "
+                                   "safetensors weights with the processor, chat template, generation config, "
+                                   "recipe and a model card. Then reload the export and compare it with base + "
+                                   "adapter on samples of the run's eval data (logits, KL, greedy generations): "
+                                   "parity.json; exits 1 above the tolerance. QLoRA runs merge onto the original "
+                                   "16-bit weights unless --onto-dequantized.",
+                       epilog="examples:\n  finetune merge runs/tiny-chartqa --dtype float32\n"
+                              "  finetune merge runs/qwen-qlora --onto-dequantized --out exports/qwen-merged",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="training run folder (adapter + recipe.yaml)")
+    p.add_argument("--out", help="export folder (default: RUN_DIR/merged)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype of the export (default: the recipe's export.merge_dtype)")
+    p.add_argument("--onto-dequantized", action="store_true",
+                   help="QLoRA runs: merge onto the NF4-dequantized weights the adapter was trained against")
+    p.add_argument("--no-parity", action="store_true", help="skip the parity check")
+    p.add_argument("--tolerance", type=float,
+                   help="max |logit difference| allowed (default: 1e-4 float32, 0.25 float16, 1.0 bfloat16)")
+    p.add_argument("--samples", type=int, default=4, help="eval samples the parity check uses (default 4)")
+    p.add_argument("--device", default="cpu", help="device for the parity forward passes (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty export folder")
+
+    p = sub.add_parser("push", help="upload an adapter or merged model to the Hugging Face Hub",
+                       description="Upload the adapter (or with --merged the merged export, made first if "
+                                   "missing) with the processor files and a model card, in one commit. The token "
+                                   "comes from HF_TOKEN or `hf auth login`; it is never printed or written. "
+                                   "Unset options fall back to the recipe's export.hub_* keys.",
+                       epilog="examples:\n  finetune push runs/tiny-chartqa --repo alice/tiny-chartqa --private\n"
+                              "  finetune push runs/tiny-chartqa --repo alice/tiny-chartqa --merged "
+                              "--revision v1",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help="training run folder, or a merged export folder")
+    p.add_argument("--repo", help="Hub repository, namespace/name (default: export.hub_repo_id)")
+    p.add_argument("--private", action="store_const", const=True, default=None,
+                   help="create the repository as private (no effect on an existing one)")
+    p.add_argument("--revision", help="branch to commit to, created if missing (default: main)")
+    p.add_argument("--merged", action="store_const", const=True, default=None,
+                   help="push RUN/merged instead of the adapter (runs `finetune merge` first if needed)")
+    p.add_argument("--message", help="commit message")
     return parser
 
 
@@ -96,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .collate import TemplateError
     from .data import DataError
+    from .export import ExportError  # also ParityError and hub.HubError
     from .families import UnsupportedModelError
     from .recipe import RecipeError
     from .scan import DataRefused
@@ -125,7 +169,16 @@ def main(argv: list[str] | None = None) -> int:
             from .chat import chat
 
             chat(args.target, max_new_tokens=args.max_new_tokens)
-    except (RecipeError, DataError, DataRefused, TemplateError, UnsupportedModelError, FileNotFoundError) as e:
+        elif args.command == "merge":
+            finetune.merge(args.run_dir, out=args.out, dtype=args.dtype,
+                           onto="dequantized" if args.onto_dequantized else "original", parity=not args.no_parity,
+                           tolerance=args.tolerance, samples=args.samples, overwrite=args.overwrite,
+                           device=args.device)
+        elif args.command == "push":
+            print(finetune.push(args.target, args.repo, private=args.private, revision=args.revision,
+                                merged=args.merged, commit_message=args.message))
+    except (RecipeError, DataError, DataRefused, TemplateError, UnsupportedModelError, FileNotFoundError,
+            ExportError) as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -58,6 +58,7 @@ def load_model(path: str, cfg: ModelConfig, quant: QuantizationConfig, family: F
             bnb_4bit_quant_type=quant.quant_type,
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=compute_dtype(quant.compute_dtype),
+            bnb_4bit_quant_storage=torch.uint8 if quant.quant_storage == "uint8" else DTYPES[quant.quant_storage],
             # bitsandbytes quantizes every Linear unless told otherwise; the vision side is small and sensitive.
             llm_int8_skip_modules=family.quantization_skip(),
         )
@@ -69,6 +70,22 @@ def load_model(path: str, cfg: ModelConfig, quant: QuantizationConfig, family: F
 
         # Checkpointing is switched on by the trainer from `training.gradient_checkpointing`, not here.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        training_kernels(model)
+    return model
+
+
+def training_kernels(model):
+    """Make bitsandbytes 4-bit layers compute as in training, also in eval mode.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight on its first eval-mode forward and from
+    then on multiplies in bfloat16 (measured: 6e-3 off per layer vs the training path), and the repacking is lossy
+    (2e-4 on the dequantized weight). Training never takes that path, so neither do the parity check and the merge.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 

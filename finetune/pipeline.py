@@ -49,6 +49,10 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
             from .evaluation import before_after
 
             before_after(run, out)
+        if recipe.export.merge or recipe.export.push_to_hub:
+            from .export import after_training
+
+            after_training(recipe, out)  # merge (parity-checked) and/or push, as the export section says
     return out
 
 

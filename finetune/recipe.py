@@ -11,6 +11,7 @@ import difflib
 import enum
 import functools
 import importlib.util
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,6 +112,9 @@ class QuantizationConfig:
     double_quant: bool = True
     #: dtype the 4-bit matmuls compute in; auto = bfloat16 on a bf16-capable GPU, else float32.
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    #: dtype the packed 4-bit weights are stored in. FSDP can only shard them when it equals the model's dtype
+    #: (e.g. bfloat16); uint8 is bitsandbytes' default.
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
 
     def validate(self) -> None:
         if self.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
@@ -124,10 +128,31 @@ class QuantizationConfig:
 class ExportConfig:
     """What to write besides the adapter once training ends."""
 
-    #: Also write a merged full-precision checkpoint to `<output_dir>/merged`.
+    #: Also write a merged checkpoint (parity-checked, see `finetune merge`) to `<output_dir>/merged`.
     merge: bool = False
     #: dtype of the merged weights.
     merge_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    #: QLoRA runs: merge onto the `original` 16-bit base weights or the NF4-`dequantized` ones the adapter saw.
+    merge_onto: Literal["original", "dequantized"] = "original"
+    #: Push to the Hugging Face Hub when training ends (token from HF_TOKEN or `hf auth login`, never the recipe).
+    push_to_hub: bool = False
+    #: Hub repository, `namespace/name`; created if missing.
+    hub_repo_id: str | None = None
+    #: Create the repository as private (ignored when it already exists).
+    hub_private: bool = False
+    #: Branch to commit to (created if missing); None = main.
+    hub_revision: str | None = None
+    #: Push the merged export instead of the adapter (merges first if `merge` is off).
+    hub_merged: bool = False
+
+    def validate(self) -> None:
+        if self.push_to_hub and not self.hub_repo_id:
+            raise RecipeError("export.push_to_hub: needs export.hub_repo_id (namespace/name) to know where to push")
+        if self.hub_repo_id is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", self.hub_repo_id):
+            raise RecipeError(f"export.hub_repo_id: expected namespace/name (e.g. alice/qwen2-vl-chartqa), "
+                              f"got {self.hub_repo_id!r}")
+        if self.hub_revision is not None and not self.hub_revision.strip():
+            raise RecipeError("export.hub_revision: empty branch name; use null for main")
 
 
 @dataclass

@@ -113,3 +113,25 @@ def test_resolved_recipe_round_trips():
     again = load_recipe(recipe.to_dict())
     assert again.to_dict() == recipe.to_dict()
     assert recipe.to_dict()["training"]["max_steps"] == 7
+
+
+ACCELERATE = sorted((Path(__file__).parents[1] / "recipes" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_accelerate_configs_parse_and_state_their_command(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    first = path.read_text().splitlines()[0]
+    assert f"accelerate launch --config_file recipes/accelerate/{path.name}" in first and "-m finetune train" in first
+    recipe, *overrides = first.split("-m finetune train ", 1)[1].split()[:1] + [
+        o for o in first.split("-m finetune train ", 1)[1].split()[1:] if "=" in o]
+    load_recipe(Path(__file__).parents[1] / recipe, overrides)  # the recipe and overrides it names are valid
+    assert config.num_processes >= 1
+
+
+def test_accelerate_configs_cover_the_setups():
+    names = {p.name for p in ACCELERATE}
+    assert {"single-gpu.yaml", "multi-gpu-ddp.yaml", "fsdp2-qlora.yaml", "deepspeed-zero2.yaml",
+            "deepspeed-zero3.yaml", "two-node.yaml"} <= names
