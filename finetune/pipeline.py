@@ -43,8 +43,9 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
         _claim_output_dir(out, overwrite)
     run = prepare(recipe)
     result = run.trainer.train()
+    throughput = run.trainer.throughput(result.metrics["train_runtime"])  # a collective: every rank calls it
     if run.trainer.is_world_process_zero():
-        save(run, result, out, started)
+        save(run, result, out, started, throughput)
         if run.eval_data is not None and recipe.evaluation.enabled:
             from .evaluation import before_after
 
@@ -99,7 +100,7 @@ def prepare(recipe: Recipe) -> Run:
     return run
 
 
-def save(run: Run, result, out: Path, started: float) -> None:
+def save(run: Run, result, out: Path, started: float, throughput: dict | None = None) -> None:
     """Adapter + processor (everything inference needs), the resolved recipe, summary and loss curve."""
     trainer = run.trainer
     trainer.save_model(str(out))
@@ -126,11 +127,14 @@ def save(run: Run, result, out: Path, started: float) -> None:
         "eval_data": run.eval_scan.summary() if run.eval_scan else None,
         "wall_time_s": round(time.time() - started, 1),
         "train_runtime_s": result.metrics.get("train_runtime"),
-        "samples_per_second": result.metrics.get("train_samples_per_second"),
+        # Measured over the batches actually trained (all processes), not estimated from the dataset size.
+        "throughput": throughput,
     }, out)
     loss = (f"loss {points[0][1]:.4f} -> {points[-1][1]:.4f}" if points
             else f"mean loss {result.training_loss:.4f} (no step logged: lower training.logging_steps)")
-    print(f"[finetune] done in {time.time() - started:.0f}s; {loss}; outputs in {out}")
+    speed = (f"; {throughput['tokens_per_second']:.0f} tokens/s, {throughput['samples_per_second']:.2f} samples/s, "
+             f"{throughput['padding_fraction']:.0%} padding" if throughput else "")
+    print(f"[finetune] done in {time.time() - started:.0f}s; {loss}{speed}; outputs in {out}")
 
 
 def _runtime_overrides(recipe: Recipe) -> dict:

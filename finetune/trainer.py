@@ -16,7 +16,21 @@ class Trainer(SFTTrainer):
 
     def __init__(self, *args, lengths: list[int] | None = None, **kwargs):
         self.lengths = lengths
+        self.seen = torch.zeros(3, dtype=torch.long)  # samples, real tokens, padded positions (this process)
         super().__init__(*args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Counted where batches arrive (the collator may run in dataloader workers, whose counts would be lost).
+        mask = inputs["attention_mask"]
+        self.seen += torch.tensor([mask.shape[0], int(mask.sum()), mask.numel()])
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def throughput(self, seconds: float) -> dict:
+        """Samples/s, non-padding tokens/s and padding fraction over all processes; call on every rank."""
+        samples, tokens, padded = (int(x) for x in self.accelerator.reduce(self.seen.to(self.args.device), "sum"))
+        return {"samples": samples, "tokens": tokens, "samples_per_second": round(samples / seconds, 3),
+                "tokens_per_second": round(tokens / seconds, 1),
+                "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0}
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length" or self.lengths is None:

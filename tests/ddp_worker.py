@@ -34,9 +34,11 @@ if rank == 0:
 result = run.trainer.train()
 lora = {n: p.detach() for n, p in sorted(run.trainer.model.named_parameters()) if "lora_" in n}
 digest = hashlib.sha256(b"".join(t.contiguous().numpy().tobytes() for t in lora.values())).hexdigest()
+own = [int(x) for x in run.trainer.seen]  # samples, real tokens, padded positions of this rank
+throughput = run.trainer.throughput(result.metrics["train_runtime"])
 if run.trainer.is_world_process_zero():
-    save(run, result, Path(recipe.training.output_dir), started)
+    save(run, result, Path(recipe.training.output_dir), started, throughput)
 Path(report_dir, f"rank{rank}.json").write_text(json.dumps({
     "rank": rank, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
     "backend": dist.get_backend() if dist.is_initialized() else None, "rows": seen, "adapter_sha256": digest,
-    "n_lora_tensors": len(lora)}))
+    "n_lora_tensors": len(lora), "seen": own}))

@@ -24,6 +24,10 @@ def run(*args, check=True):
     return result
 
 
+def resolved_batch():
+    return finetune.load_recipe(ROOT / "recipes/tiny-chartqa.yaml").training.per_device_train_batch_size
+
+
 def test_help_lists_commands_and_examples():
     out = run(str(BIN / "finetune"), "--help").stdout
     for word in ("train", "check", "examples:", "training.max_steps=20"):
@@ -46,6 +50,9 @@ def test_cli_train_writes_a_complete_run_folder(tmp_path):
     assert summary["trainable_parameters"]["decoder"] > 0 and summary["trainable_parameters"]["projector"] > 0
     assert summary["trainable_parameters"]["vision"] == 0
     assert summary["train_data"]["rows"] == 8 and summary["train_data"]["kept"] == 8
+    speed = summary["throughput"]
+    assert speed["samples"] == 3 * resolved_batch() and speed["tokens_per_second"] > 0
+    assert 0 <= speed["padding_fraction"] < 1
     resolved = finetune.load_recipe(out / "recipe.yaml")
     assert resolved.training.max_steps == 3 and resolved.model.name_or_path == "zoo:qwen2_vl"
 
