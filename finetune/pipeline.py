@@ -16,6 +16,7 @@ from .modeling import LoraPlan, load_family, load_model, load_processor, plan_lo
 from .recipe import Recipe, RecipeError, load_recipe
 from .report import loss_points, metric_points, plot_loss, write_recipe, write_summary
 from .scan import ScanReport, scan
+from .sharding import refuse_text_only_rows_when_sharded, sharded_strategy
 
 
 @dataclass
@@ -66,13 +67,16 @@ def prepare(recipe: Recipe) -> Run:
 
     train_data = chat_dataset(recipe.data, recipe.data.train_split)
     train_scan = scan(train_data, collator, recipe.training.max_length, recipe.data.on_too_long)
-    print(f"[finetune] train data: {train_scan.describe()}")
+    log(f"train data: {train_scan.describe()}")
     eval_data = eval_scan = None
     if recipe.data.eval_split:
         eval_data = chat_dataset(recipe.data, recipe.data.eval_split)
         eval_scan = scan(eval_data, collator, recipe.training.max_length, recipe.data.on_too_long)
-        print(f"[finetune] eval data: {eval_scan.describe()}")
+        log(f"eval data: {eval_scan.describe()}")
         eval_data = eval_data.select(eval_scan.kept)
+
+    args = recipe.sft_config(**_runtime_overrides(recipe))
+    refuse_text_only_rows_when_sharded(sharded_strategy(args), train_scan.images_per_row)
 
     model = load_model(model_path, recipe.model, recipe.quantization, family)
     lora = plan_lora(model, family, recipe.lora)
@@ -82,7 +86,7 @@ def prepare(recipe: Recipe) -> Run:
     trainer = Trainer(
         model=model,
         lengths=train_scan.lengths,
-        args=recipe.sft_config(**_runtime_overrides(recipe)),
+        args=args,
         train_dataset=train_data.select(train_scan.kept),
         eval_dataset=eval_data,
         data_collator=collator,
@@ -90,7 +94,7 @@ def prepare(recipe: Recipe) -> Run:
         peft_config=lora.peft_config(recipe.lora),
     )
     trainable = trainable_by_group(trainer.model, family)
-    print("[finetune] trainable parameters: " + ", ".join(f"{g} {n:,}" for g, n in trainable.items() if n))
+    log("trainable parameters: " + ", ".join(f"{g} {n:,}" for g, n in trainable.items() if n))
     run = Run(recipe, family, processor, trainer, lora, train_scan, eval_scan,
               train_data.select(train_scan.kept), eval_data)
     if recipe.evaluation.every_n_steps:
@@ -135,6 +139,12 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
     speed = (f"; {throughput['tokens_per_second']:.0f} tokens/s, {throughput['samples_per_second']:.2f} samples/s, "
              f"{throughput['padding_fraction']:.0%} padding" if throughput else "")
     print(f"[finetune] done in {time.time() - started:.0f}s; {loss}{speed}; outputs in {out}")
+
+
+def log(message: str) -> None:
+    """Print once per run, not once per process."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[finetune] {message}", flush=True)
 
 
 def _runtime_overrides(recipe: Recipe) -> dict:

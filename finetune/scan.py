@@ -20,6 +20,7 @@ class ScanReport:
     lengths: list[int] = field(default_factory=list)  # token length of each kept sample
     supervised_tokens: int = 0
     dropped: dict[str, list[int]] = field(default_factory=dict)  # reason -> row ids
+    images_per_row: dict[int, int] = field(default_factory=dict)  # row id -> images, for every kept row
 
     def summary(self) -> dict:
         lengths = sorted(self.lengths)
@@ -59,6 +60,7 @@ def scan(dataset, collator, max_length: int | None, on_too_long: str = "drop") -
             dropped.setdefault("no supervised tokens", []).append(sample["row_id"])
         else:
             report.kept.append(i)
+            report.images_per_row[sample["row_id"]] = len(sample["images"])
             report.lengths.append(length)
             report.supervised_tokens += supervised
     report.dropped = dropped

@@ -39,6 +39,7 @@ def test_two_process_cpu_training(tmp_path):
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["steps"] == 4 and len(summary["loss_curve"]) == 4
     assert result.stdout.count("[finetune] done in") == 1
+    assert result.stdout.count("[finetune] train data:") == 1 and result.stdout.count("[finetune] trainable parameters") == 1
     # Throughput counts the batches of both ranks.
     seen = [r["seen"] for r in ranks]
     assert summary["throughput"]["samples"] == 32 == seen[0][0] + seen[1][0]
