@@ -137,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
 
+    from .checkpoints import CheckpointError
     from .collate import TemplateError
     from .data import DataError
     from .export import ExportError  # also ParityError and hub.HubError
     from .families import UnsupportedModelError
+    from .guards import TrainingHealthError, TrainingInterrupted
     from .recipe import RecipeError
     from .scan import DataRefused
 
@@ -177,8 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "push":
             print(finetune.push(args.target, args.repo, private=args.private, revision=args.revision,
                                 merged=args.merged, commit_message=args.message))
+    except TrainingInterrupted as e:
+        print(f"finetune: {e}", file=sys.stderr)
+        return 130
     except (RecipeError, DataError, DataRefused, TemplateError, UnsupportedModelError, FileNotFoundError,
-            ExportError) as e:
+            ExportError, CheckpointError, TrainingHealthError) as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -11,7 +11,9 @@ from typing import Sequence
 
 from .collate import ChatCollator
 from .data import chat_dataset
+from .checkpoints import CHECKPOINT, checkpoints, leftovers, newest_complete, resume_point, step_of
 from .families import Family
+from .guards import HealthMonitor, TrainingInterrupted
 from .modeling import LoraPlan, load_family, load_model, load_processor, plan_lora, trainable_by_group
 from .recipe import Recipe, RecipeError, load_recipe
 from .report import loss_points, metric_points, plot_loss, write_recipe, write_summary
@@ -40,10 +42,19 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     out = Path(recipe.training.output_dir)
+    resume = resume_point(recipe.training.resume, out, recipe.training.resume_allow_incomplete)
     if int(os.environ.get("RANK", "0")) == 0:  # one process decides about the folder; the others only train
-        _claim_output_dir(out, overwrite)
+        _claim_output_dir(out, overwrite, resuming=resume is not None)
+    if resume:
+        log(f"resuming from {resume} (step {step_of(resume)})" if CHECKPOINT.match(resume.name)
+            else f"resuming from {resume}")
     run = prepare(recipe)
-    result = run.trainer.train()
+    result = run.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if run.trainer.interrupt.interrupted_at is not None:
+        where = newest_complete(out)
+        raise TrainingInterrupted(
+            f"interrupted at step {run.trainer.interrupt.interrupted_at}; saved {where}. Continue with: "
+            f"finetune train {recipe.source or 'RECIPE'} training.resume=auto")
     throughput = run.trainer.throughput(result.metrics["train_runtime"])  # a collective: every rank calls it
     if run.trainer.is_world_process_zero():
         save(run, result, out, started, throughput)
@@ -86,6 +97,7 @@ def prepare(recipe: Recipe) -> Run:
     trainer = Trainer(
         model=model,
         lengths=train_scan.lengths,
+        health=HealthMonitor(recipe.guards.on_nonfinite, recipe.guards.grad_norm_spike),
         args=args,
         train_dataset=train_data.select(train_scan.kept),
         eval_dataset=eval_data,
@@ -133,6 +145,7 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
         "train_runtime_s": result.metrics.get("train_runtime"),
         # Measured over the batches actually trained (all processes), not estimated from the dataset size.
         "throughput": throughput,
+        "health": trainer.health.summary(),
     }, out)
     loss = (f"loss {points[0][1]:.4f} -> {points[-1][1]:.4f}" if points
             else f"mean loss {result.training_loss:.4f} (no step logged: lower training.logging_steps)")
@@ -158,13 +171,21 @@ def _runtime_overrides(recipe: Recipe) -> dict:
     return {}
 
 
-def _claim_output_dir(out: Path, overwrite: bool) -> None:
-    """Never write into a previous run silently."""
+def _claim_output_dir(out: Path, overwrite: bool, resuming: bool = False) -> None:
+    """Never write into a previous run silently; a resumed run continues in its own folder."""
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
+        stale = leftovers(out)  # incomplete by construction: saves that were cut off
+        if overwrite:
+            shutil.rmtree(out)
+        elif resuming or all(p in stale for p in out.iterdir()):
+            for path in stale:
+                log(f"removing {path}: an incomplete checkpoint from an interrupted save")
+                shutil.rmtree(path)
+        else:
+            found = [p for p in checkpoints(out) if p not in stale]
+            hint = (f" (it has {found[-1].name}: training.resume=auto continues from it)" if found else "")
             raise RecipeError(
-                f"training.output_dir: {out} already holds files from an earlier run; choose another folder "
-                "(training.output_dir=...) or pass --overwrite to replace it"
+                f"training.output_dir: {out} already holds files from an earlier run{hint}; choose another folder "
+                "(training.output_dir=...), resume (training.resume=auto) or pass --overwrite to replace it"
             )
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -186,6 +186,35 @@ class EvaluationConfig:
             raise RecipeError("evaluation.keep_best: needs evaluation.every_n_steps to pick the best adapter")
 
 
+@dataclass
+class GuardsConfig:
+    """Training-health guards, checked on every step."""
+
+    #: A NaN/inf loss or gradient norm: `stop` the run (nothing after the last finite step is saved) or `skip` the
+    #: batch (its gradients are zeroed; each skip is logged and listed in run_summary.json).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    #: Warn when a gradient norm exceeds this many times the median of the last 20 steps; null = never.
+    grad_norm_spike: float | None = 10.0
+    #: Learning rates outside 1e-7..1e-2 are refused unless this is true (usually a typo such as 2e4 for 2e-4).
+    allow_unusual_learning_rate: bool = False
+
+    def validate(self) -> None:
+        if self.grad_norm_spike is not None and self.grad_norm_spike <= 1:
+            raise RecipeError(f"guards.grad_norm_spike: must be > 1 (a factor over the median), got {self.grad_norm_spike}")
+
+
+#: Learning rates LoRA fine-tuning uses in practice; outside it needs guards.allow_unusual_learning_rate.
+SANE_LEARNING_RATES = (1e-7, 1e-2)
+
+#: Keys of the `training:` section that finetune adds to SFTConfig's (never passed to SFTConfig).
+TRAINING_EXTENSIONS: list[tuple[str, Any, Any, str]] = [
+    ("resume", str | None, None,
+     "null = start fresh; auto = continue from the newest complete checkpoint in output_dir (fresh if none); "
+     "or a checkpoint folder, which must be complete"),
+    ("resume_allow_incomplete", bool, False,
+     "resume from an explicit checkpoint even if it lacks optimizer/scheduler/RNG state (warns loudly)"),
+]
+
 # finetune's defaults where they differ from SFTConfig's, each for a reason.
 TRAINING_DEFAULTS: dict[str, Any] = {
     # Our collator needs the raw `messages`/`images` columns, not the model's forward signature.
@@ -203,6 +232,7 @@ REFUSED_TRAINING_KEYS = {
     "completion_only_loss": "finetune always trains on assistant tokens only (see `finetune check --show-labels`)",
     "dataset_text_field": "rows are chat messages; there is no text field",
     "remove_unused_columns": "the collator needs the raw message columns",
+    "resume_from_checkpoint": "use training.resume (auto, or a checkpoint folder)",
 }
 
 
@@ -224,6 +254,7 @@ def training_config_class() -> type:
         else:
             spec = field(default=None)
         specs.append((f.name, hints.get(f.name, Any), spec))
+    specs += [(name, ann, field(default=default)) for name, ann, default, _ in TRAINING_EXTENSIONS]
     return dataclasses.make_dataclass("TrainingConfig", specs)
 
 
@@ -241,6 +272,7 @@ class Recipe:
     training: Any
     export: ExportConfig
     evaluation: EvaluationConfig
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
     #: The file this recipe came from (None when built from a dict).
     source: Path | None = None
 
@@ -267,7 +299,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Only the values that differ from defaults for `training`; every field for the other sections."""
-        out = {name: dataclasses.asdict(getattr(self, name)) for name in ("model", "data", "lora", "quantization", "export", "evaluation")}
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in ("model", "data", "lora", "quantization", "export", "evaluation", "guards")}
         default_training = training_config_class()()
         out["training"] = {
             f.name: getattr(self.training, f.name)
@@ -285,6 +317,7 @@ SECTIONS = {
     "training": None,  # resolved lazily: importing trl is slow and `finetune --help` should not pay for it
     "export": ExportConfig,
     "evaluation": EvaluationConfig,
+    "guards": GuardsConfig,
 }
 REQUIRED_SECTIONS = ("model", "data")
 
@@ -390,6 +423,13 @@ def _validate_combinations(r: Recipe) -> None:
             "model.trust_remote_code: runs code downloaded with the model; pin model.revision to a commit hash "
             "so that code cannot change under you"
         )
+    low, high = SANE_LEARNING_RATES
+    if not low <= r.training.learning_rate <= high and not r.guards.allow_unusual_learning_rate:
+        raise RecipeError(
+            f"training.learning_rate: {r.training.learning_rate:g} is outside {low:g}..{high:g}, the range LoRA "
+            "fine-tuning uses (typo? 2e-4 is usual); set guards.allow_unusual_learning_rate: true if you mean it")
+    if r.training.resume not in (None, "auto") and not r.training.resume.strip():
+        raise RecipeError("training.resume: empty; use null, auto, or a checkpoint folder")
     if r.training.max_length is not None and r.training.max_length <= 0:
         raise RecipeError(f"training.max_length: must be > 0 or null, got {r.training.max_length}")
     if r.training.truncation_mode == "keep_end":

@@ -1,10 +1,18 @@
-"""finetune's SFTTrainer: TRL's, with batches grouped by each sample's true length after image expansion."""
+"""finetune's SFTTrainer: TRL's, with length-grouped batches from the scan, health guards and atomic checkpoints."""
 
 from __future__ import annotations
 
+import errno
+import shutil
+from pathlib import Path
+
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
+
+from . import checkpoints
+from .guards import HealthMonitor, SaveOnInterrupt, refuse_nonfinite_weights
 
 
 class Trainer(SFTTrainer):
@@ -14,16 +22,105 @@ class Trainer(SFTTrainer):
     dataset (decoding every image to build it) or guess from `input_ids`; the scan already knows the real lengths.
     """
 
-    def __init__(self, *args, lengths: list[int] | None = None, **kwargs):
+    def __init__(self, *args, lengths: list[int] | None = None, health: HealthMonitor | None = None, **kwargs):
         self.lengths = lengths
+        self.health = health or HealthMonitor("stop", None)
+        self.interrupt = SaveOnInterrupt()
         self.seen = torch.zeros(3, dtype=torch.long)  # samples, real tokens, padded positions (this process)
+        self._staging: Path | None = None
         super().__init__(*args, **kwargs)
+        self.add_callback(self.interrupt)
+
+    # --- counting and guarding every batch ---------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Counted where batches arrive (the collator may run in dataloader workers, whose counts would be lost).
         mask = inputs["attention_mask"]
         self.seen += torch.tensor([mask.shape[0], int(mask.sum()), mask.numel()])
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not model.training:
+            return result
+        loss = result[0] if return_outputs else result
+        # Checked before backward, so a NaN never reaches the gradients; all ranks agree on the verdict.
+        finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item():
+            return result
+        local = float(loss.detach().float().sum())
+        self.health.check_loss(local if not torch.isfinite(torch.tensor(local)) else float("nan"),
+                               self.state.global_step + 1)  # raises, unless guards.on_nonfinite is skip
+        # Skipped: a zero loss that still reaches every trainable weight, so backward gives exactly zero gradients.
+        zero = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+        return (zero, result[1]) if return_outputs else zero
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        value = float(grad_norm) if grad_norm is not None else None
+        # With fp16 loss scaling an inf norm is routine: the scaler skips that step and lowers the scale itself.
+        if self.args.fp16 and value is not None and not torch.isfinite(torch.tensor(value)):
+            return grad_norm
+        if not self.health.check_grad_norm(value, self.state.global_step + 1):
+            model.zero_grad()  # skip: the optimizer steps with zero gradients
+        return grad_norm
+
+    # --- atomic checkpoints ------------------------------------------------------------------------------------
+
+    def _get_output_dir(self, trial):
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        step = self.state.global_step
+        refuse_nonfinite_weights(self.model, step)
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        staging, final = run_dir / checkpoints.STAGING, run_dir / name
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)  # everything lands in .partial/checkpoint-N
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                checkpoints.commit(staging / name, final)
+                shutil.rmtree(staging)
+        except OSError as e:
+            previous = checkpoints.newest_complete(run_dir)
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            kept = (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists")
+            hint = "free some disk space, then " if e.errno == errno.ENOSPC else ""
+            raise checkpoints.CheckpointError(
+                f"saving {name} failed ({e.strerror or e}); nothing of it was kept and {kept}. "
+                f"{hint}resume with training.resume=auto") from e
+        finally:
+            self._staging = None
+        if self.state.best_model_checkpoint:
+            self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
+                str(staging), str(run_dir))
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # TRL keeps QLoRA adapters in bfloat16, but peft upcasts adapters it loads to float32; a resumed run must
+        # continue in the dtype it was trained in, or it drifts from the uninterrupted one.
+        dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, param in self.model.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+
+    def create_model_card(self, *args, **kwargs):
+        """TRL writes a generic README.md into output_dir at every checkpoint; finetune's card (card.py) is
+        rendered from the run's own facts when it is merged or pushed."""
+
+    # --- reporting and sampling --------------------------------------------------------------------------------
 
     def throughput(self, seconds: float) -> dict:
         """Samples/s, non-padding tokens/s and padding fraction over all processes; call on every rank."""
@@ -35,6 +132,16 @@ class Trainer(SFTTrainer):
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length" or self.lengths is None:
             return super()._get_train_sampler(train_dataset)
-        generator = torch.Generator().manual_seed(self.args.data_seed or self.args.seed)
-        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                    lengths=self.lengths, generator=generator)
+        return EpochSeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                               lengths=self.lengths, seed=self.args.data_seed or self.args.seed)
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """The order of epoch e depends only on (seed, e), so a run resumed mid-training sees the same batches."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        self.seed = seed
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)

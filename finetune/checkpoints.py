@@ -1,0 +1,129 @@
+"""Atomic checkpoints and choosing one to resume from.
+
+A checkpoint is written under `<output_dir>/.partial/checkpoint-N`, every file fsynced, then a completion marker
+(`finetune-checkpoint.json`, listing each file and its size) is written last and the folder renamed to
+`<output_dir>/checkpoint-N`. A rename within one filesystem is atomic, so `checkpoint-N` either is complete or
+does not exist: a process killed mid-write leaves only `.partial/`, which resume ignores and the next run removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+MARKER = "finetune-checkpoint.json"
+STAGING = ".partial"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# What an exact resume needs besides the adapter: optimizer, scheduler, trainer state and RNG streams.
+RESUME_STATE = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state*.pth")
+# A pickle of TrainingArguments that HF writes beside every save; recipe.yaml records the same as text.
+PICKLED_ARGS = "training_args.bin"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written, or one that cannot be resumed from."""
+
+
+def commit(staging: Path, final: Path) -> None:
+    """Make a fully written staging folder visible as `final`: fsync, write the marker last, rename."""
+    (staging / PICKLED_ARGS).unlink(missing_ok=True)
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    for path in files:
+        _fsync(path)
+    manifest = {"step": int(CHECKPOINT.match(final.name).group(1)),
+                "files": {str(p.relative_to(staging)): p.stat().st_size for p in files}}
+    marker = staging / MARKER
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(staging)
+    if final.exists():  # the same step saved again (e.g. a resumed run): swap, never leave a gap
+        old = staging.parent / f"{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old)
+    else:
+        staging.rename(final)
+    _fsync(final.parent)
+
+
+def is_complete(path: Path) -> bool:
+    """The marker is there and every file it lists has the size it was written with."""
+    try:
+        manifest = json.loads((path / MARKER).read_text(encoding="utf-8"))
+        return all((path / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def step_of(path: Path) -> int:
+    return int(CHECKPOINT.match(path.name).group(1))
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """`checkpoint-N` folders in `out`, oldest step first."""
+    if not out.is_dir():
+        return []
+    return sorted((p for p in out.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)), key=step_of)
+
+
+def newest_complete(out: Path) -> Path | None:
+    done = [p for p in checkpoints(out) if is_complete(p)]
+    return done[-1] if done else None
+
+
+def leftovers(out: Path) -> list[Path]:
+    """What an interrupted save leaves behind: the staging folder and checkpoint folders without a marker."""
+    found = [p for p in checkpoints(out) if not is_complete(p)]
+    if (out / STAGING).exists():
+        found.append(out / STAGING)
+    return found
+
+
+def missing_resume_state(path: Path) -> list[str]:
+    missing = [pattern for pattern in RESUME_STATE if not any(path.glob(pattern))]
+    if not any(path.glob("adapter_model.safetensors")):
+        missing.append("adapter_model.safetensors")
+    if not (path / MARKER).exists():
+        missing.append(f"{MARKER} (the completion marker)")
+    elif not is_complete(path):
+        missing.append(f"files listed in {MARKER} (some are missing or have changed size)")
+    return missing
+
+
+def resume_point(resume: str | None, out: Path, allow_incomplete: bool) -> Path | None:
+    """The checkpoint `training.resume` asks for: None (start fresh), `auto` (newest complete one, or fresh), a path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return newest_complete(out)
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"training.resume: {path} is not a checkpoint folder (use auto, or a checkpoint-N path)")
+    missing = missing_resume_state(path)
+    if missing:
+        what = f"training.resume: {path} is incomplete: missing {', '.join(missing)}"
+        if not allow_incomplete:
+            raise CheckpointError(f"{what}. Resuming from it would not continue the same run; pick a complete "
+                                  "checkpoint, use training.resume=auto, or set training.resume_allow_incomplete=true "
+                                  "to resume anyway")
+        print(f"[finetune] WARNING: {what}; resuming anyway because training.resume_allow_incomplete is set: the "
+              "missing state starts fresh and the run will NOT match an uninterrupted one", file=sys.stderr, flush=True)
+    return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
