@@ -19,7 +19,7 @@ from transformers.trainer_pt_utils import safe_globals
 import finetune
 from conftest import ROOT
 from finetune.checkpoints import MARKER, STAGING, CheckpointError, is_complete, resume_point
-from finetune.guards import TrainingHealthError
+from finetune.guards import HealthMonitor, TrainingHealthError
 from finetune.pipeline import prepare
 from finetune.recipe import RecipeError, load_recipe
 
@@ -238,3 +238,27 @@ def test_unusual_learning_rates_need_confirmation(tmp_path):
     r = recipe(tmp_path, learning_rate=0.05)
     r["guards"] = {"allow_unusual_learning_rate": True}
     assert load_recipe(r).training.learning_rate == 0.05
+
+
+def test_non_finite_gradient_stops_before_the_optimizer_step(tmp_path):
+    out = tmp_path / "run"
+
+    class InfGradient(transformers.TrainerCallback):  # the loss stays finite; one gradient overflows
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                param = next(p for p in model.parameters() if p.requires_grad)
+                param.register_hook(lambda grad: grad * float("inf"))
+
+    run = prepare(load_recipe(recipe(out)))
+    run.trainer.add_callback(InfGradient())
+    with pytest.raises(TrainingHealthError, match=r"gradient norm is (inf|nan) at step 2"):
+        run.trainer.train()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
+
+
+def test_gradient_norm_spikes_are_reported(capsys):
+    monitor = HealthMonitor("stop", spike_factor=10.0)
+    for step, norm in enumerate([1.0, 1.2, 0.9, 1.1, 1.0, 1.0, 30.0, 1.0], start=1):
+        assert monitor.check_grad_norm(norm, step)
+    assert monitor.spikes == [{"step": 7, "grad_norm": 30.0, "median_before": 1.0}]
+    assert "gradient-norm spike at step 7" in capsys.readouterr().err
