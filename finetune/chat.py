@@ -20,6 +20,12 @@ def system_prompt(target: Target) -> str | None:
     return CHARTQA_SYSTEM_PROMPT if target.recipe.data.format == "chartqa" else None
 
 
+def open_image(target: Target, path: str, root: Path | None = None):
+    """An image the user named, resized as training resized them (`data.max_pixels` of the run's recipe)."""
+    max_pixels = target.recipe.data.max_pixels if target.recipe is not None else None
+    return load_image(path, root, max_pixels=max_pixels, allow_external=True)
+
+
 def user_turn(text: str, n_images: int) -> dict:
     return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
 
@@ -34,7 +40,7 @@ def predict(target: str | Path | Target, prompt: str, images: list[str] = (), ma
     if not isinstance(target, Target):
         target = load_target(target)
     messages = start(target) + [user_turn(prompt, len(images))]
-    return generate(target, [messages], [[load_image(p, None) for p in images]], max_new_tokens)[0]
+    return generate(target, [messages], [[open_image(target, p) for p in images]], max_new_tokens)[0]
 
 
 def predict_file(target: str | Path | Target, rows_path: str | Path, out_path: str | Path,
@@ -48,7 +54,7 @@ def predict_file(target: str | Path | Target, rows_path: str | Path, out_path: s
     with open(out_path, "w", encoding="utf-8") as f:
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
-            images = [[load_image(p, rows_path.parent) for p in row.get("images", [])] for row in chunk]
+            images = [[open_image(target, p, rows_path.parent) for p in row.get("images", [])] for row in chunk]
             conversations = [start(target) + [user_turn(row["prompt"], len(imgs))] for row, imgs in zip(chunk, images)]
             for row, answer in zip(chunk, generate(target, conversations, images, max_new_tokens)):
                 f.write(json.dumps({**row, "prediction": answer}) + "\n")
@@ -79,8 +85,8 @@ def chat(target: str | Path | Target, stdin: TextIO = sys.stdin, stdout: TextIO 
         if line.startswith("/image "):
             path = line.split(" ", 1)[1].strip()
             try:
-                pending.append(load_image(path, None))
-            except OSError as e:
+                pending.append(open_image(target, path))
+            except (OSError, ValueError) as e:  # BadMedia says why (missing, not an image, too many pixels)
                 print(f"cannot open {path}: {e}", file=stdout, flush=True)
             continue
         messages.append(user_turn(line, len(pending)))

@@ -1,66 +1,19 @@
-"""Datasets in, chat rows out: `{"messages": [...], "images": [...]}`.
+"""Datasets in, chat rows out: `{"messages": [...], "images": [...], "videos": [...]}`.
 
-Adapters are small functions from one dataset row to one chat row, chosen by `data.format` from ADAPTERS.
-Images stay as references (paths or undecoded bytes) until a batch is built, so nothing is decoded up front.
+Rows are read with `datasets` (hub id, folder, JSON/JSONL, parquet, CSV), renamed per `data.columns`, turned into
+chat rows by the format's function (finetune.formats), and their images and videos decoded on access, per batch.
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
-from typing import Any, Callable
 
-from PIL import Image, ImageOps
-
-CHARTQA_SYSTEM_PROMPT = (
-    "You are a Vision Language Model specialized in interpreting visual data from chart images. Your task is to "
-    "analyze the provided chart image and respond to queries with concise answers, usually a single word, number, "
-    "or short phrase. The charts include a variety of types (e.g., line charts, bar charts) and contain colors, "
-    "labels, and text. Focus on delivering accurate, succinct answers based on the visual information. Avoid "
-    "additional explanation unless absolutely necessary."
-)
+from .formats import CHARTQA_SYSTEM_PROMPT, COLUMNS, FORMATS, RowError, expand_captions  # noqa: F401
+from .images import BadMedia, load_image, load_video  # noqa: F401
 
 
 class DataError(ValueError):
     """A dataset row that cannot become a training sample; the message names the row."""
-
-
-def _text(text: str) -> dict:
-    return {"type": "text", "text": text}
-
-
-def _system(prompt: str | None) -> list[dict]:
-    return [{"role": "system", "content": [_text(prompt)]}] if prompt else []
-
-
-def chartqa(row: dict, system_prompt: str | None) -> dict:
-    """HuggingFaceM4/ChartQA: `image`, `query`, `label` (a list; the first answer is the target)."""
-    label = row["label"]
-    answer = label[0] if isinstance(label, list) else label
-    if system_prompt is None:
-        system_prompt = CHARTQA_SYSTEM_PROMPT
-    return {
-        "messages": _system(system_prompt) + [
-            {"role": "user", "content": [{"type": "image"}, _text(row["query"])]},
-            {"role": "assistant", "content": [_text(str(answer))]},
-        ],
-        "images": [row["image"]],
-    }
-
-
-def messages(row: dict, system_prompt: str | None) -> dict:
-    """Rows already in chat form (`messages` + `images`), as TRL and llava-instruct-mix style datasets use."""
-    msgs = [dict(m, content=[_text(m["content"])] if isinstance(m["content"], str) else m["content"])
-            for m in row["messages"]]
-    if system_prompt and not (msgs and msgs[0]["role"] == "system"):
-        msgs = _system(system_prompt) + msgs
-    return {"messages": msgs, "images": list(row.get("images") or [])}
-
-
-ADAPTERS: dict[str, Callable[[dict, str | None], dict]] = {
-    "chartqa": chartqa,
-    "messages": messages,
-}
 
 
 def load_rows(path: str, split: str, max_samples: int | None = None):
@@ -82,62 +35,91 @@ def load_rows(path: str, split: str, max_samples: int | None = None):
             ds = datasets.load_dataset(str(path), split=split)
         except ValueError as e:
             raise DataError(f"data.path: cannot load split '{split}' from {path}: {e}") from e
-    image_columns = [k for k, f in ds.features.items() if type(f).__name__ == "Image"]
-    for column in image_columns:  # keep images as bytes/paths; they are decoded per batch
-        ds = ds.cast_column(column, datasets.Image(decode=False))
+    for column, feature in ds.features.items():  # keep images as bytes/paths; they are decoded per batch
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+        elif isinstance(getattr(feature, "feature", None), datasets.Image):  # a list of images (the_cauldron)
+            ds = ds.cast_column(column, datasets.List(datasets.Image(decode=False)))
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))
     return ds
 
 
-def load_image(ref: Any, root: Path | None) -> Image.Image:
-    """Decode one image reference (path, `{"bytes", "path"}` dict, or PIL image) to an RGB PIL image."""
-    if isinstance(ref, Image.Image):
-        image = ref
-    elif isinstance(ref, dict) and ref.get("bytes"):
-        image = Image.open(io.BytesIO(ref["bytes"]))
-    else:
-        path = ref.get("path") if isinstance(ref, dict) else ref
-        if not isinstance(path, str) or not path:
-            raise DataError(f"not an image reference: {ref!r}")
-        full = Path(path) if root is None else root / path
-        image = Image.open(full)
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
-
-
 ROW_ID = "row_id"
 
 
-def chat_dataset(cfg, split: str):
-    """One split of the recipe's `data` as a `datasets.Dataset` of chat rows (`messages`, `images`, `row_id`).
+def chat_dataset(cfg, split: str, videos_as_images: bool = False):
+    """One split of the recipe's `data` as a `datasets.Dataset` of chat rows.
 
-    Rows are adapted and images decoded on access (a datasets transform), so decoding happens per batch in the
-    dataloader workers; `row_id` is the row's index in the source split, for reports.
+    Columns: `messages`, `images` and `videos` (decoded PIL images; a video is a list of frames), `row_id` (the
+    row's index in the source split, for reports) and `problem` (None, or "reason: detail" for a row that cannot be
+    used; the pre-flight scan drops or refuses those). Rows are adapted and decoded on access (a datasets
+    transform), so decoding happens per batch in the dataloader workers. `videos_as_images` turns each video into
+    its frames as images, for families without a video input.
     """
     rows = load_rows(cfg.path, split, cfg.max_samples)
     rows = rows.add_column(ROW_ID, list(range(len(rows))))
+    rows = rename_columns(rows, cfg, split)
+    if cfg.expand_captions:
+        rows = rows.map(expand_captions, batched=True, desc="expanding captions")
     root = Path(cfg.image_root) if cfg.image_root else (Path(cfg.path) if Path(cfg.path).is_dir()
                                                         else Path(cfg.path).parent)
-    adapter = ADAPTERS[cfg.format]
+    to_chat_row = FORMATS[cfg.format]
+
+    def decode(sample: dict) -> dict:
+        options = dict(max_pixels=cfg.max_pixels, pixel_limit=cfg.pixel_limit,
+                       allow_external=cfg.allow_external_paths)
+        images = [load_image(ref, root, **options) for ref in sample["images"]]
+        videos = [load_video(ref, root, cfg.video_frames, cfg.video_fps, **options) for ref in sample["videos"]]
+        if videos_as_images and videos:
+            return frames_as_images(sample["messages"], images, videos)
+        return {"messages": sample["messages"], "images": images, "videos": videos}
 
     def to_chat(batch: dict) -> dict:
-        out: dict[str, list] = {"messages": [], "images": [], ROW_ID: []}
+        out: dict[str, list] = {"messages": [], "images": [], "videos": [], ROW_ID: [], "problem": []}
         for values in zip(*batch.values()):
             row = dict(zip(batch.keys(), values))
             row_id = row.pop(ROW_ID)
             try:
-                sample = adapter(row, cfg.system_prompt)
-                images = [load_image(ref, root) for ref in sample["images"]]
-            except (KeyError, OSError, DataError) as e:
-                raise DataError(f"{cfg.path} split '{split}' row {row_id}: {type(e).__name__}: {e}") from e
-            out["messages"].append(sample["messages"])
-            out["images"].append(images)
+                sample, problem = decode(to_chat_row(row, cfg.system_prompt)), None
+            except RowError as e:
+                sample, problem = {"messages": [], "images": [], "videos": []}, f"{e.reason}: {e}"
             out[ROW_ID].append(row_id)
+            out["problem"].append(problem)
+            for key in ("messages", "images", "videos"):
+                out[key].append(sample[key])
         return out
 
     return rows.with_transform(to_chat)
+
+
+def rename_columns(rows, cfg, split: str):
+    """Apply `data.columns` (format's column name -> the dataset's), checking the dataset has each one."""
+    if not cfg.columns:
+        return rows
+    for ours, theirs in cfg.columns.items():
+        if theirs not in rows.column_names:
+            raise DataError(f"data.columns.{ours}: {cfg.path} split '{split}' has no column '{theirs}' "
+                            f"(columns: {', '.join(c for c in rows.column_names if c != ROW_ID)})")
+    clashes = [ours for ours, theirs in cfg.columns.items() if ours in rows.column_names and ours != theirs]
+    rows = rows.remove_columns(clashes)  # the mapped column replaces a same-named one
+    return rows.rename_columns({theirs: ours for ours, theirs in cfg.columns.items() if ours != theirs})
+
+
+def frames_as_images(messages: list[dict], images: list, videos: list[list]) -> dict:
+    """Replace each video part by its frames as image parts, keeping images and frames in message order."""
+    images, videos, flat = iter(images), iter(videos), []
+    out = []
+    for message in messages:
+        content = []
+        for part in message["content"]:
+            if part["type"] == "video":
+                frames = next(videos)
+                content += [{"type": "image"} for _ in frames]
+                flat += frames
+            else:
+                if part["type"] == "image":
+                    flat.append(next(images))
+                content.append(part)
+        out.append({**message, "content": content})
+    return {"messages": out, "images": flat, "videos": []}

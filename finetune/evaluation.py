@@ -28,9 +28,10 @@ def examples(dataset, limit: int | None = None) -> list[Example]:
     out = []
     for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
         sample = dataset[i]
-        reply = sample["messages"][-1]
-        if reply["role"] != "assistant":
+        # Unusable rows (the pre-flight report names them) and video rows (generation takes images) are skipped.
+        if sample["problem"] or sample["videos"] or sample["messages"][-1]["role"] != "assistant":
             continue
+        reply = sample["messages"][-1]
         text = "".join(p["text"] for p in reply["content"] if p["type"] == "text")
         out.append(Example(sample["row_id"], prompt_messages(sample["messages"]), sample["images"], [text]))
     return out

@@ -137,7 +137,8 @@ def parity_rows(recipe: Recipe, samples: int) -> list[dict]:
     split = recipe.data.eval_split or recipe.data.train_split
     try:
         dataset = chat_dataset(recipe.data, split)
-        rows = [dataset[i] for i in range(min(samples, len(dataset)))]
+        rows = [row for row in (dataset[i] for i in range(min(4 * samples, len(dataset))))
+                if not row["problem"]][:samples]
     except (DataError, FileNotFoundError, ValueError) as e:
         raise ExportError(f"data.path: the parity check reads samples of the run's data (split '{split}') and "
                           f"could not: {e}; restore the data or skip the check (--no-parity / parity=False)") from e

@@ -32,6 +32,8 @@ class Family:
     prefix_lm: bool = False
     #: The processor inserts `<bos>` after the last image token and appends the prompt's closing "\n" (PaliGemma).
     processor_adds_bos_and_newline: bool = False
+    #: The processor takes `videos=` and the template renders `{"type": "video"}`; otherwise videos become frames.
+    video_input: bool = False
     notes: str = ""
 
     def quantization_skip(self) -> list[str]:
@@ -70,19 +72,19 @@ FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family(
         name="Qwen2-VL",
         decoder=r"model\.language_model", projector=r"model\.visual\.merger", vision=r"model\.visual",
-        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>",
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True,
         notes="Dynamic resolution: image token count follows image size (min/max pixels).",
     ),
     "qwen2_5_vl": Family(
         name="Qwen2.5-VL",
         decoder=r"model\.language_model", projector=r"model\.visual\.merger", vision=r"model\.visual",
-        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>",
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True,
     ),
     "qwen3_vl": Family(
         name="Qwen3-VL",
         decoder=r"model\.language_model", projector=r"model\.visual\.(?:merger|deepstack_merger_list)",
         vision=r"model\.visual",
-        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>",
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True,
         notes="DeepStack mergers feed intermediate vision features into early decoder layers; they are projectors.",
     ),
     "paligemma": Family(

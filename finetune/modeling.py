@@ -32,10 +32,31 @@ def load_family(cfg: ModelConfig) -> tuple[str, Family]:
     return path, family_for(config.model_type)
 
 
-def load_processor(path: str, cfg: ModelConfig):
+PIXEL_LIMITS = {"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}
+
+
+def load_processor(path: str, cfg: ModelConfig, image_settings: dict | None = None):
+    """The model's processor, with `data.image_processor` settings applied (saved with it, so inference agrees)."""
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    processor = AutoProcessor.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    image_processor = getattr(processor, "image_processor", None)
+    for key, value in (image_settings or {}).items():
+        size, edge = getattr(image_processor, "size", None), PIXEL_LIMITS.get(key)
+        if edge and not hasattr(image_processor, key) and size is not None and (
+                size.get(edge) if isinstance(size, dict) else getattr(size, edge, None)) is not None:
+            # Qwen-VL's min/max pixels live in `size` (shortest_edge/longest_edge count pixels) in transformers 5.
+            if isinstance(size, dict):
+                image_processor.size = {**size, edge: value}
+            else:
+                setattr(size, edge, value)
+            continue
+        if image_processor is None or not hasattr(image_processor, key):
+            known = sorted(k for k in vars(image_processor or object()) if not k.startswith("_"))
+            raise RecipeError(f"data.image_processor.{key}: not a setting of "
+                              f"{type(image_processor).__name__} (it has: {', '.join(known)})")
+        setattr(image_processor, key, value)
+    return processor
 
 
 def compute_dtype(name: str) -> torch.dtype:

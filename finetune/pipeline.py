@@ -72,17 +72,12 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
 def prepare(recipe: Recipe) -> Run:
     """Load processor, data (scanned), model and adapters, and build the SFTTrainer."""
     # Processor first: it is cheap, and the data scan needs it before any weights are read.
-    model_path, family = load_family(recipe.model)
-    processor = load_processor(model_path, recipe.model)
-    collator = ChatCollator(processor, family)
-
-    train_data = chat_dataset(recipe.data, recipe.data.train_split)
-    train_scan = scan(train_data, collator, recipe.training.max_length, recipe.data.on_too_long)
+    model_path, family, processor, collator = load_processing(recipe)
+    train_data, train_scan = scanned(recipe, recipe.data.train_split, family, collator)
     log(f"train data: {train_scan.describe()}")
     eval_data = eval_scan = None
     if recipe.data.eval_split:
-        eval_data = chat_dataset(recipe.data, recipe.data.eval_split)
-        eval_scan = scan(eval_data, collator, recipe.training.max_length, recipe.data.on_too_long)
+        eval_data, eval_scan = scanned(recipe, recipe.data.eval_split, family, collator)
         log(f"eval data: {eval_scan.describe()}")
         eval_data = eval_data.select(eval_scan.kept)
 
@@ -114,6 +109,20 @@ def prepare(recipe: Recipe) -> Run:
 
         during_training(run)
     return run
+
+
+def load_processing(recipe: Recipe) -> tuple[str, Family, object, ChatCollator]:
+    """Model path, family, processor (with the recipe's image settings) and the training collator."""
+    model_path, family = load_family(recipe.model)
+    processor = load_processor(model_path, recipe.model, recipe.data.image_processor)
+    return model_path, family, processor, ChatCollator(processor, family)
+
+
+def scanned(recipe: Recipe, split: str, family: Family, collator: ChatCollator):
+    """A split as chat rows, and the pre-flight scan of it (lengths, what is dropped and why)."""
+    data = chat_dataset(recipe.data, split, videos_as_images=not family.video_input)
+    report = scan(data, collator, recipe.training.max_length, recipe.data.on_too_long, recipe.data.on_bad_image)
+    return data, report
 
 
 def save(run: Run, result, out: Path, started: float, throughput: dict | None = None) -> None:

@@ -5,11 +5,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from .collate import IGNORE_INDEX, ChatCollator
-from .data import chat_dataset
-from .modeling import load_family, load_processor
+from .collate import IGNORE_INDEX
 from .recipe import Recipe, load_recipe
-from .scan import scan
 
 
 def check(recipe: Recipe | str | dict, overrides: Sequence[str] = (), show_labels: int = 0,
@@ -20,11 +17,10 @@ def check(recipe: Recipe | str | dict, overrides: Sequence[str] = (), show_label
     report: dict = {"recipe": recipe.to_dict()}
     if not data:
         return report
-    model_path, family = load_family(recipe.model)
-    processor = load_processor(model_path, recipe.model)
-    collator = ChatCollator(processor, family)
-    dataset = chat_dataset(recipe.data, recipe.data.train_split)
-    result = scan(dataset, collator, recipe.training.max_length, recipe.data.on_too_long)
+    from .pipeline import load_processing, scanned
+
+    _, family, processor, collator = load_processing(recipe)
+    dataset, result = scanned(recipe, recipe.data.train_split, family, collator)
     print(f"[finetune] model family: {family.name}")
     print(f"[finetune] train data: {result.describe()}")
     report["train_data"] = result.summary()

@@ -49,8 +49,12 @@ class DataConfig:
 
     #: Dataset: local folder or file (.json/.jsonl/.parquet), or a hub dataset id.
     path: str
-    #: Row schema, see `finetune.data.ADAPTERS` (`chartqa`: image/query/label; `messages`: chat rows).
+    #: Row schema, see `finetune.formats.FORMATS`: chartqa, vqa, caption, llava, cauldron, messages, video.
     format: str = "messages"
+    #: The format's column names mapped to this dataset's, e.g. `{question: q, answers: gt}`.
+    columns: dict[str, str] = field(default_factory=dict)
+    #: Captioning with several captions per image: one training row per caption instead of the first only.
+    expand_captions: bool = False
     #: Split to train on.
     train_split: str = "train"
     #: Held-out split for evaluation; None = no evaluation.
@@ -64,13 +68,43 @@ class DataConfig:
     #: Samples longer than `training.max_length` after image expansion: `drop` them (counted, ids reported) or
     #: `error` before training starts. They are never truncated, which would cut image tokens.
     on_too_long: Literal["drop", "error"] = "drop"
+    #: Rows with an image or video that cannot be used (missing, empty, truncated, not an image, over
+    #: `pixel_limit`, outside the image root) or that do not fit the format: `drop` them (counted per reason, row
+    #: ids reported) or `error` before training starts.
+    on_bad_image: Literal["drop", "error"] = "drop"
+    #: Downscale images (keeping aspect) to at most this many pixels, in training, evaluation and inference alike
+    #: (saved in the run's recipe.yaml). None = as they are; the processor applies its own limits after.
+    max_pixels: int | None = None
+    #: Refuse images with more pixels than this (decompression bombs).
+    pixel_limit: int = 89_478_485
+    #: Settings of the processor's image processor, e.g. Qwen's `{min_pixels: 3136, max_pixels: 401408}` or
+    #: Idefics3's `{do_image_splitting: false}`; saved with the processor, so exports and inference use them too.
+    image_processor: dict[str, Any] = field(default_factory=dict)
+    #: Allow image paths that are absolute, leave the image root (`..`, symlinks) or are URLs (fetched).
+    allow_external_paths: bool = False
+    #: Frames per video, spread evenly over the clip (with `video_fps`: the most frames to take).
+    video_frames: int | None = 8
+    #: Sample videos at this many frames per second instead of a fixed count.
+    video_fps: float | None = None
 
     def validate(self) -> None:
-        from .data import ADAPTERS
+        from .formats import COLUMNS, FORMATS
 
-        _check_choice("data.format", self.format, ADAPTERS)
+        _check_choice("data.format", self.format, FORMATS)
         if self.max_samples is not None and self.max_samples <= 0:
             raise RecipeError(f"data.max_samples: must be > 0, got {self.max_samples}")
+        for ours, theirs in self.columns.items():
+            _check_choice(f"data.columns", ours, COLUMNS[self.format], what=f"column of format {self.format}")
+            if not isinstance(theirs, str) or not theirs:
+                raise RecipeError(f"data.columns.{ours}: expected a dataset column name, got {theirs!r}")
+        if self.expand_captions and self.format != "caption":
+            raise RecipeError(f"data.expand_captions: only for data.format caption, not {self.format}")
+        for key in ("max_pixels", "pixel_limit", "video_frames", "video_fps"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise RecipeError(f"data.{key}: must be > 0, got {value}")
+        if self.video_frames is None and self.video_fps is None:
+            raise RecipeError("data.video_frames: set a frame count, or data.video_fps, to sample videos")
 
 
 LORA_GROUPS = ("decoder", "projector", "vision")

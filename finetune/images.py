@@ -1,0 +1,172 @@
+"""Image and video loading that survives real data.
+
+Every image comes out as 8-bit RGB with EXIF orientation applied and transparency composited on white. What
+cannot be loaded raises BadMedia with a short `reason` (the pre-flight report counts rows by it): a missing,
+empty, truncated or non-image file, one over the pixel limit (decompression bombs), or a path that leaves the
+dataset's image root (absolute paths, `..`, symlinks pointing out, URLs) unless the recipe allows external paths.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from .formats import RowError
+
+#: Refuse images with more pixels than this (PIL's own bomb threshold is 2x its 89M-pixel warning).
+DEFAULT_PIXEL_LIMIT = 89_478_485
+URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class BadMedia(RowError):
+    """An image or video that cannot be used; `reason` names why."""
+
+
+def resolve(path: str, root: Path | None, allow_external: bool) -> str | Path:
+    """The file (or URL) an image reference points at, refusing anything outside `root` unless allowed."""
+    if URL.match(path):
+        if not allow_external:
+            raise BadMedia("url refused", f"{path}: URLs are not fetched unless data.allow_external_paths is true")
+        return path
+    if root is None:
+        return Path(path)
+    candidate = Path(path)
+    full = candidate if candidate.is_absolute() else root / candidate
+    # resolve() follows symlinks, so a link inside the root that points out of it is caught too. Absolute paths
+    # inside the root are fine: `datasets` imagefolder gives local images as absolute paths.
+    if not allow_external and not full.resolve().is_relative_to(root.resolve()):
+        what = "an absolute path outside" if candidate.is_absolute() else "resolves outside"
+        raise BadMedia("outside image root", f"{path}: {what} the image root {root}; set "
+                                             "data.allow_external_paths to allow it")
+    return full
+
+
+def open_image(ref: Any, root: Path | None, allow_external: bool = False) -> Image.Image:
+    """An opened (header read, pixels not yet decoded) image from a path, URL, bytes dict or PIL image."""
+    if isinstance(ref, Image.Image):
+        return ref
+    if isinstance(ref, dict) and ref.get("bytes"):
+        data, name = ref["bytes"], ref.get("path") or "<bytes>"
+    else:
+        path = ref.get("path") if isinstance(ref, dict) else ref
+        if not isinstance(path, str) or not path:
+            raise BadMedia("not an image", f"not an image reference: {ref!r}")
+        where = resolve(path, root, allow_external)
+        name = str(path)
+        try:
+            if isinstance(where, str):
+                with urllib.request.urlopen(where, timeout=30) as response:
+                    data = response.read()
+            else:
+                data = where.read_bytes()
+        except FileNotFoundError:
+            raise BadMedia("missing file", f"{name}: file not found") from None
+        except (OSError, ValueError) as e:
+            raise BadMedia("unreadable", f"{name}: {e}") from None
+    if not data:
+        raise BadMedia("empty file", f"{name}: the file is empty (0 bytes)")
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadMedia("too many pixels", f"{name}: {e}") from None
+    except (OSError, ValueError, SyntaxError):
+        raise BadMedia("not an image", f"{name}: not an image file PIL can read") from None
+
+
+def load_image(ref: Any, root: Path | None, max_pixels: int | None = None, pixel_limit: int = DEFAULT_PIXEL_LIMIT,
+               allow_external: bool = False) -> Image.Image:
+    """Decode one image reference to an RGB PIL image, downscaled to at most `max_pixels` pixels if set."""
+    image = open_image(ref, root, allow_external)
+    name = ref if isinstance(ref, str) else (ref.get("path") if isinstance(ref, dict) else None) or "<image>"
+    if image.width * image.height > pixel_limit:
+        raise BadMedia("too many pixels", f"{name}: {image.width}x{image.height} is over data.pixel_limit="
+                                          f"{pixel_limit} pixels (a decompression bomb?)")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as e:
+        reason = "truncated" if "truncated" in str(e) or "broken" in str(e) else "unreadable"
+        raise BadMedia(reason, f"{name}: {e}") from None
+    if max_pixels and image.width * image.height > max_pixels:
+        scale = (max_pixels / (image.width * image.height)) ** 0.5
+        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: transparency composited on white, CMYK converted, 16-bit and float scaled to 0..255."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # PIL's convert("L") clips these to 0..255; scale the real range instead so the picture survives.
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        array = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        return Image.fromarray(array.round().astype(np.uint8), mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def load_video(ref: Any, root: Path | None, frames: int | None, fps: float | None, max_pixels: int | None = None,
+               pixel_limit: int = DEFAULT_PIXEL_LIMIT, allow_external: bool = False) -> list[Image.Image]:
+    """Frames sampled uniformly in time, in order: from a video file (decoded with PyAV) or a list of frame files.
+
+    `fps` samples at that rate (at most `frames` frames when both are set); `frames` alone spreads that many
+    frames evenly over the clip.
+    """
+    if isinstance(ref, (list, tuple)):  # already frames: sample among them
+        picked = _uniform(len(ref), frames if frames else len(ref))
+        return [load_image(ref[i], root, max_pixels, pixel_limit, allow_external) for i in picked]
+    path = ref.get("path") if isinstance(ref, dict) else ref
+    if not isinstance(path, str) or not path:
+        raise BadMedia("not a video", f"not a video reference: {ref!r}")
+    where = resolve(path, root, allow_external)
+    if isinstance(where, Path) and not where.is_file():
+        raise BadMedia("missing file", f"{path}: file not found")
+    if isinstance(where, Path) and where.stat().st_size == 0:
+        raise BadMedia("empty file", f"{path}: the file is empty (0 bytes)")
+    import av
+
+    try:
+        with av.open(str(where)) as container:
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or 0) or None
+            total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            if total == 0:
+                raise BadMedia("not a video", f"{path}: no video frames")
+            count = frames or total
+            if fps and rate:
+                count = min(count, max(1, int(total / rate * fps)))
+            wanted = set(_uniform(total, count))
+            container.seek(0)
+            out = []
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    out.append(to_rgb(frame.to_image()))
+                if len(out) == len(wanted):
+                    break
+    except (av.error.FFmpegError, IndexError) as e:
+        raise BadMedia("not a video", f"{path}: cannot decode video ({e})") from None
+    for image in out:
+        if image.width * image.height > pixel_limit:
+            raise BadMedia("too many pixels", f"{path}: frames of {image.width}x{image.height} are over "
+                                              f"data.pixel_limit={pixel_limit}")
+    if max_pixels:
+        out = [load_image(image, None, max_pixels, pixel_limit) for image in out]
+    return out
+
+
+def _uniform(total: int, count: int) -> list[int]:
+    """`count` indices spread evenly over range(total), centred in their segments, in increasing order."""
+    count = max(1, min(count, total))
+    return [int((i + 0.5) * total / count) for i in range(count)]
