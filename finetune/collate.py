@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .data import DataError
 from .families import Family
 
 IGNORE_INDEX = -100
@@ -93,8 +94,6 @@ class ChatCollator:
     def __call__(self, rows: list[dict]) -> dict:
         for row in rows:
             if row.get("problem"):  # the scan drops these; a file that broke since then stops here, by name
-                from .data import DataError
-
                 raise DataError(f"row {row.get('row_id')}: {row['problem']}")
         texts, spans = zip(*(render_with_spans(self.processor, row["messages"], self.family) for row in rows))
         images = [list(row["images"]) for row in rows]

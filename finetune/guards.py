@@ -48,8 +48,8 @@ class HealthMonitor:
         if not math.isfinite(norm):
             return self._nonfinite("gradient norm", norm, step)
         recent = self.norms[-self.window:]
-        if self.spike_factor and len(recent) >= 5 and norm > self.spike_factor * statistics.median(recent):
-            median = statistics.median(recent)
+        median = statistics.median(recent) if len(recent) >= 5 else None
+        if self.spike_factor and median is not None and norm > self.spike_factor * median:
             self.spikes.append({"step": step, "grad_norm": norm, "median_before": median})
             print(f"[finetune] WARNING: gradient-norm spike at step {step}: {norm:.4g} is "
                   f"{norm / median:.0f}x the median {median:.4g} of the last {len(recent)} steps", file=sys.stderr,

@@ -93,11 +93,16 @@ def load_image(ref: Any, root: Path | None, max_pixels: int | None = None, pixel
     except (OSError, ValueError, SyntaxError) as e:
         reason = "truncated" if "truncated" in str(e) or "broken" in str(e) else "unreadable"
         raise BadMedia(reason, f"{name}: {e}") from None
-    if max_pixels and image.width * image.height > max_pixels:
-        scale = (max_pixels / (image.width * image.height)) ** 0.5
-        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    return image
+    return downscale(image, max_pixels)
+
+
+def downscale(image: Image.Image, max_pixels: int | None) -> Image.Image:
+    """The image shrunk (aspect kept) to at most `max_pixels` pixels; unchanged when smaller or no limit."""
+    if not max_pixels or image.width * image.height <= max_pixels:
+        return image
+    scale = (max_pixels / (image.width * image.height)) ** 0.5
+    return image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
+                        Image.Resampling.BICUBIC)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -161,9 +166,7 @@ def load_video(ref: Any, root: Path | None, frames: int | None, fps: float | Non
         if image.width * image.height > pixel_limit:
             raise BadMedia("too many pixels", f"{path}: frames of {image.width}x{image.height} are over "
                                               f"data.pixel_limit={pixel_limit}")
-    if max_pixels:
-        out = [load_image(image, None, max_pixels, pixel_limit) for image in out]
-    return out
+    return [downscale(image, max_pixels) for image in out]
 
 
 def _uniform(total: int, count: int) -> list[int]:

@@ -43,7 +43,7 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
         recipe = load_recipe(recipe, overrides)
     out = Path(recipe.training.output_dir)
     resume = resume_point(recipe.training.resume, out, recipe.training.resume_allow_incomplete)
-    if int(os.environ.get("RANK", "0")) == 0:  # one process decides about the folder; the others only train
+    if is_main_process():  # one process decides about the folder; the others only train
         _claim_output_dir(out, overwrite, resuming=resume is not None)
     if resume:
         log(f"resuming from {resume} (step {step_of(resume)})" if CHECKPOINT.match(resume.name)
@@ -163,9 +163,14 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
     print(f"[finetune] done in {time.time() - started:.0f}s; {loss}{speed}; outputs in {out}")
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun/accelerate launch, or the only process (read before the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def log(message: str) -> None:
     """Print once per run, not once per process."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(f"[finetune] {message}", flush=True)
 
 

@@ -94,7 +94,7 @@ class DataConfig:
         if self.max_samples is not None and self.max_samples <= 0:
             raise RecipeError(f"data.max_samples: must be > 0, got {self.max_samples}")
         for ours, theirs in self.columns.items():
-            _check_choice(f"data.columns", ours, COLUMNS[self.format], what=f"column of format {self.format}")
+            _check_choice("data.columns", ours, COLUMNS[self.format], what=f"column of format {self.format}")
             if not isinstance(theirs, str) or not theirs:
                 raise RecipeError(f"data.columns.{ours}: expected a dataset column name, got {theirs!r}")
         if self.expand_captions and self.format != "caption":
@@ -333,7 +333,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Only the values that differ from defaults for `training`; every field for the other sections."""
-        out = {name: dataclasses.asdict(getattr(self, name)) for name in ("model", "data", "lora", "quantization", "export", "evaluation", "guards")}
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS if name != "training"}
         default_training = training_config_class()()
         out["training"] = {
             f.name: getattr(self.training, f.name)

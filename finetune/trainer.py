@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import shutil
 from pathlib import Path
 
@@ -51,7 +52,8 @@ class Trainer(SFTTrainer):
         if finite.item():
             return result
         local = float(loss.detach().float().sum())
-        self.health.check_loss(local if not torch.isfinite(torch.tensor(local)) else float("nan"),
+        # Finite here but not on another rank: report NaN, so that every rank stops (or skips) together.
+        self.health.check_loss(local if not math.isfinite(local) else float("nan"),
                                self.state.global_step + 1)  # raises, unless guards.on_nonfinite is skip
         # Skipped: a zero loss that still reaches every trainable weight, so backward gives exactly zero gradients.
         zero = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
@@ -59,11 +61,10 @@ class Trainer(SFTTrainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        value = float(grad_norm) if grad_norm is not None else None
         # With fp16 loss scaling an inf norm is routine: the scaler skips that step and lowers the scale itself.
-        if self.args.fp16 and value is not None and not torch.isfinite(torch.tensor(value)):
+        if self.args.fp16 and grad_norm is not None and not math.isfinite(float(grad_norm)):
             return grad_norm
-        if not self.health.check_grad_norm(value, self.state.global_step + 1):
+        if not self.health.check_grad_norm(grad_norm, self.state.global_step + 1):
             model.zero_grad()  # skip: the optimizer steps with zero gradients
         return grad_norm
 
