@@ -80,10 +80,13 @@ def chat_dataset(cfg, split: str, videos_as_images: bool = False):
         for values in zip(*batch.values()):
             row = dict(zip(batch.keys(), values))
             row_id = row.pop(ROW_ID)
+            sample, problem = {"messages": [], "images": [], "videos": []}, None
             try:
-                sample, problem = decode(to_chat_row(row, cfg.system_prompt)), None
+                sample = decode(to_chat_row(row, cfg.system_prompt))
             except RowError as e:
-                sample, problem = {"messages": [], "images": [], "videos": []}, f"{e.reason}: {e}"
+                problem = f"{e.reason}: {e}"
+            except (KeyError, TypeError, AttributeError) as e:  # a field of another shape than the format expects
+                problem = f"malformed row: {type(e).__name__}: {e}"
             out[ROW_ID].append(row_id)
             out["problem"].append(problem)
             for key in ("messages", "images", "videos"):

@@ -123,3 +123,19 @@ def test_imagefolder_captions_expand_to_one_row_per_caption(tmp_path):
     assert [r["problem"] for r in rows] == [None] * 4, rows[0]["problem"]
     assert [(r["row_id"], r["messages"][-1]["content"][0]["text"], r["images"][0].size) for r in rows] == [
         (0, "A.", (20, 16)), (0, "B.", (20, 16)), (0, "C.", (20, 16)), (1, "D.", (21, 16))]
+
+
+def test_a_row_of_the_wrong_shape_is_reported_by_id_not_raised(tmp_path):
+    image(0).save(tmp_path / "p.png")
+    rows = [{"images": ["p.png"], "texts": [{"user": "What?", "assistant": "A page."}]},
+            {"images": ["p.png"], "texts": [{"user": "No answer here"}]},  # a turn without "assistant"
+            {"images": ["p.png"], "texts": "not a list of turns"}]
+    (tmp_path / "cauldron.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = media_recipe(tmp_path / "cauldron.jsonl", "cauldron", tmp_path)
+    data = chat_dataset(recipe.data, "train")
+    assert data[0]["problem"] is None
+    assert data[1]["problem"] == "malformed row: KeyError: 'assistant'"
+    assert data[2]["problem"].startswith("malformed row: TypeError:")
+    _, family, _, collator = load_processing(recipe)
+    _, report = scanned(recipe, "train", family, collator)
+    assert report.kept == [0] and report.dropped == {"malformed row": [1, 2]}
