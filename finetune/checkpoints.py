@@ -79,11 +79,12 @@ def newest_complete(out: Path) -> Path | None:
 
 
 def leftovers(out: Path) -> list[Path]:
-    """What an interrupted save leaves behind: the staging folder and checkpoint folders without a marker."""
-    found = [p for p in checkpoints(out) if not is_complete(p)]
-    if (out / STAGING).exists():
-        found.append(out / STAGING)
-    return found
+    """What an interrupted save leaves behind: the staging folder, never anything else.
+
+    A `checkpoint-N` without a marker is skipped by resume but kept: it may be a user's copy, or come from another
+    tool, and deleting what someone wrote is not ours to decide.
+    """
+    return [out / STAGING] if (out / STAGING).exists() else []
 
 
 def missing_resume_state(path: Path) -> list[str]:

@@ -188,7 +188,7 @@ def _runtime_overrides(recipe: Recipe) -> dict:
 def _claim_output_dir(out: Path, overwrite: bool, resuming: bool = False) -> None:
     """Never write into a previous run silently; a resumed run continues in its own folder."""
     if out.exists() and any(out.iterdir()):
-        stale = leftovers(out)  # incomplete by construction: saves that were cut off
+        stale = leftovers(out)  # incomplete by construction: a save that was cut off
         if overwrite:
             shutil.rmtree(out)
         elif resuming or all(p in stale for p in out.iterdir()):

@@ -102,6 +102,11 @@ def test_auto_resume_ignores_a_checkpoint_without_its_marker(tmp_path):
     (out / "checkpoint-2" / "scheduler.pt").write_bytes(b"")
     assert resume_point("auto", out, False) == out / "checkpoint-1"
 
+    # Resuming skips the torn folder but does not delete it: only finetune's own `.partial` is cleared.
+    finetune.train(recipe(out, max_steps=3, resume="auto"))
+    assert (torn / "adapter_model.safetensors").read_bytes() == b"\0" * 10
+    assert is_complete(out / "checkpoint-2") and is_complete(out / "checkpoint-3")
+
 
 def test_explicit_incomplete_checkpoint_is_refused_unless_allowed(tmp_path, capsys):
     out = tmp_path / "run"
