@@ -91,17 +91,43 @@ class ChatCollator:
         if not self.image_token_ids:
             raise TemplateError(f"no token of the tokenizer matches the image tokens of {self.family.name}")
 
+    def text_kwargs(self, texts) -> dict:
+        """How the processor tokenises `texts` (the pre-flight scan measures with the same settings)."""
+        kwargs = dict(return_offsets_mapping=True, return_text_replacement_offsets=True)
+        bos = self.processor.tokenizer.bos_token
+        if bos and all(t.startswith(bos) for t in texts):
+            kwargs["add_special_tokens"] = False  # the template wrote <bos>; don't add a second (as transformers)
+        return kwargs
+
     def __call__(self, rows: list[dict]) -> dict:
+        """A training batch. Rows whose images failed to decode (a truncated file the header check could not see, or
+        one broken since the scan) are left out and listed under `dropped_rows` as (row id, problem); a batch with no
+        row left is a stand-in (the last good row, nothing labelled) marked `skip_batch`, which every rank skips
+        together (finetune.trainer), so a bad file never stops a run."""
+        good = [row for row in rows if not row.get("problem")]
+        dropped = [(row.get("row_id"), row["problem"]) for row in rows if row.get("problem")]
+        if good:
+            batch = self.encode(good)
+            self._stand_in = good[:1]
+        elif getattr(self, "_stand_in", None):
+            batch = self.encode(self._stand_in)
+            batch["labels"][:] = IGNORE_INDEX
+            batch["skip_batch"] = True
+        else:
+            raise DataError("no row of this batch could be loaded: " + "; ".join(
+                f"row {row_id}: {problem}" for row_id, problem in dropped))
+        if dropped:
+            batch["dropped_rows"] = dropped
+        return batch
+
+    def encode(self, rows: list[dict]) -> dict:
+        """Padded tensors with assistant-only labels for rows whose images are decoded."""
         for row in rows:
-            if row.get("problem"):  # the scan drops these; a file that broke since then stops here, by name
+            if row.get("problem"):
                 raise DataError(f"row {row.get('row_id')}: {row['problem']}")
         texts, spans = zip(*(render_with_spans(self.processor, row["messages"], self.family) for row in rows))
         images = [list(row["images"]) for row in rows]
-        bos = self.processor.tokenizer.bos_token
-        kwargs = dict(padding=True, return_tensors="pt", return_offsets_mapping=True,
-                      return_text_replacement_offsets=True)
-        if bos and all(t.startswith(bos) for t in texts):
-            kwargs["add_special_tokens"] = False  # the template wrote <bos>; don't add a second (as transformers)
+        kwargs = dict(padding=True, return_tensors="pt", **self.text_kwargs(texts))
         videos = [list(v) for row in rows for v in row.get("videos") or []]
         if videos:
             kwargs["videos"] = videos

@@ -6,10 +6,12 @@ chat rows by the format's function (finetune.formats), and their images and vide
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .formats import CHARTQA_SYSTEM_PROMPT, COLUMNS, FORMATS, RowError, expand_captions  # noqa: F401
-from .images import BadMedia, load_image, load_video  # noqa: F401
+from .images import BadMedia, image_size, load_image, load_video  # noqa: F401
+from .recipe import DataConfig
 
 
 class DataError(ValueError):
@@ -48,6 +50,71 @@ def load_rows(path: str, split: str, max_samples: int | None = None):
 ROW_ID = "row_id"
 
 
+def source_rows(cfg, split: str):
+    """One split as the dataset's own rows (columns renamed per `data.columns`, captions expanded), plus `row_id`:
+    the row's index in the source split, for reports."""
+    rows = load_rows(cfg.path, split, cfg.max_samples)
+    rows = rows.add_column(ROW_ID, list(range(len(rows))))
+    rows = rename_columns(rows, cfg, split)
+    if cfg.expand_captions:
+        rows = rows.map(expand_captions, batched=True, desc="expanding captions")
+    return rows
+
+
+@dataclass
+class RowReader:
+    """One source row -> one chat row, with its media decoded (`decoded`) or only measured (`sized`).
+
+    Plain data, so `datasets.map` can send it to worker processes.
+    """
+
+    cfg: DataConfig
+    videos_as_images: bool = False
+
+    @property
+    def root(self) -> Path:
+        cfg = self.cfg
+        if cfg.image_root:
+            return Path(cfg.image_root)
+        return Path(cfg.path) if Path(cfg.path).is_dir() else Path(cfg.path).parent
+
+    def decoded(self, row: dict) -> dict:
+        """`messages`, `images` (RGB PIL images) and `videos` (lists of frames). Raises RowError."""
+        sample = FORMATS[self.cfg.format](row, self.cfg.system_prompt)
+        images = [load_image(ref, self.root, **self._image_options()) for ref in sample["images"]]
+        return self._with_videos(sample, images)
+
+    def sized(self, row: dict) -> dict:
+        """Like `decoded`, but each image is its (width, height) read from the file header; videos are decoded
+        (their frame count and size come from decoding). Raises RowError for what the header shows."""
+        sample = FORMATS[self.cfg.format](row, self.cfg.system_prompt)
+        images = [image_size(ref, self.root, **self._image_options()) for ref in sample["images"]]
+        return self._with_videos(sample, images)
+
+    def _image_options(self) -> dict:
+        cfg = self.cfg
+        return dict(max_pixels=cfg.max_pixels, pixel_limit=cfg.pixel_limit, allow_external=cfg.allow_external_paths)
+
+    def _with_videos(self, sample: dict, images: list) -> dict:
+        cfg = self.cfg
+        videos = [load_video(ref, self.root, cfg.video_frames, cfg.video_fps, **self._image_options())
+                  for ref in sample["videos"]]
+        if self.videos_as_images and videos:
+            return frames_as_images(sample["messages"], images, videos)
+        return {"messages": sample["messages"], "images": images, "videos": videos}
+
+
+def read_row(read, row: dict) -> tuple[dict, str | None]:
+    """`read(row)` and None, or an empty chat row and the problem ("reason: detail") that makes it unusable."""
+    try:
+        return read(row), None
+    except RowError as e:
+        problem = f"{e.reason}: {e}"
+    except (KeyError, TypeError, AttributeError) as e:  # a field of another shape than the format expects
+        problem = f"malformed row: {type(e).__name__}: {e}"
+    return {"messages": [], "images": [], "videos": []}, problem
+
+
 def chat_dataset(cfg, split: str, videos_as_images: bool = False):
     """One split of the recipe's `data` as a `datasets.Dataset` of chat rows.
 
@@ -57,36 +124,18 @@ def chat_dataset(cfg, split: str, videos_as_images: bool = False):
     transform), so decoding happens per batch in the dataloader workers. `videos_as_images` turns each video into
     its frames as images, for families without a video input.
     """
-    rows = load_rows(cfg.path, split, cfg.max_samples)
-    rows = rows.add_column(ROW_ID, list(range(len(rows))))
-    rows = rename_columns(rows, cfg, split)
-    if cfg.expand_captions:
-        rows = rows.map(expand_captions, batched=True, desc="expanding captions")
-    root = Path(cfg.image_root) if cfg.image_root else (Path(cfg.path) if Path(cfg.path).is_dir()
-                                                        else Path(cfg.path).parent)
-    to_chat_row = FORMATS[cfg.format]
+    return chat_rows(source_rows(cfg, split), RowReader(cfg, videos_as_images))
 
-    def decode(sample: dict) -> dict:
-        options = dict(max_pixels=cfg.max_pixels, pixel_limit=cfg.pixel_limit,
-                       allow_external=cfg.allow_external_paths)
-        images = [load_image(ref, root, **options) for ref in sample["images"]]
-        videos = [load_video(ref, root, cfg.video_frames, cfg.video_fps, **options) for ref in sample["videos"]]
-        if videos_as_images and videos:
-            return frames_as_images(sample["messages"], images, videos)
-        return {"messages": sample["messages"], "images": images, "videos": videos}
+
+def chat_rows(rows, reader: RowReader):
+    """Source rows (from `source_rows`) as chat rows, decoded on access; see `chat_dataset`."""
 
     def to_chat(batch: dict) -> dict:
         out: dict[str, list] = {"messages": [], "images": [], "videos": [], ROW_ID: [], "problem": []}
         for values in zip(*batch.values()):
             row = dict(zip(batch.keys(), values))
             row_id = row.pop(ROW_ID)
-            sample, problem = {"messages": [], "images": [], "videos": []}, None
-            try:
-                sample = decode(to_chat_row(row, cfg.system_prompt))
-            except RowError as e:
-                problem = f"{e.reason}: {e}"
-            except (KeyError, TypeError, AttributeError) as e:  # a field of another shape than the format expects
-                problem = f"malformed row: {type(e).__name__}: {e}"
+            sample, problem = read_row(reader.decoded, row)
             out[ROW_ID].append(row_id)
             out["problem"].append(problem)
             for key in ("messages", "images", "videos"):

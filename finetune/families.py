@@ -32,6 +32,11 @@ class Family:
     prefix_lm: bool = False
     #: The processor inserts `<bos>` after the last image token and appends the prompt's closing "\n" (PaliGemma).
     processor_adds_bos_and_newline: bool = False
+    #: What an image placeholder becomes, as a function of the image's size (how the pre-flight scan measures rows
+    #: without decoding images): `count` = the image token repeated as often as the processor's
+    #: `_get_num_multimodal_tokens` says; `tiles` = the processor's row/column tile text for the
+    #: `get_number_of_image_patches` split; `fixed` = the same text for every image.
+    image_expansion: str = "count"
     #: The processor takes `videos=` and the template renders `{"type": "video"}`; otherwise videos become frames.
     video_input: bool = False
     notes: str = ""
@@ -60,13 +65,13 @@ FAMILIES: dict[str, Family] = {
     "idefics3": Family(
         name="Idefics3",
         decoder=r"model\.text_model", projector=r"model\.connector", vision=r"model\.vision_model",
-        image_tokens=_IDEFICS_IMAGE, end_of_turn="<end_of_utterance>",
+        image_tokens=_IDEFICS_IMAGE, end_of_turn="<end_of_utterance>", image_expansion="tiles",
         notes="Image splitting expands one image into row/column tiles plus a global image.",
     ),
     "smolvlm": Family(
         name="SmolVLM",
         decoder=r"model\.text_model", projector=r"model\.connector", vision=r"model\.vision_model",
-        image_tokens=_IDEFICS_IMAGE, end_of_turn="<end_of_utterance>",
+        image_tokens=_IDEFICS_IMAGE, end_of_turn="<end_of_utterance>", image_expansion="tiles",
         notes="Idefics3 architecture; processor needs the `num2words` package.",
     ),
     "qwen2_vl": Family(
@@ -91,19 +96,20 @@ FAMILIES: dict[str, Family] = {
         name="PaliGemma / PaliGemma 2",
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
         image_tokens=r"<image>", end_of_turn="<eos>", prefix_lm=True, processor_adds_bos_and_newline=True,
+        image_expansion="fixed",
         notes="Not a chat model: the prefix (image + prompt) attends bidirectionally, answers causally.",
     ),
     "gemma3": Family(
         name="Gemma 3",
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
         image_tokens=r"<start_of_image>|<end_of_image>|<image_soft_token>", end_of_turn="<end_of_turn>",
-        projector_parameters=("model.multi_modal_projector.mm_input_projection_weight",),
+        projector_parameters=("model.multi_modal_projector.mm_input_projection_weight",), image_expansion="fixed",
         notes="`processor.image_token_id` is <start_of_image>, not the soft token; the projector is a raw parameter.",
     ),
     "mllama": Family(
         name="Llama 3.2 Vision (Mllama)",
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_model",
-        image_tokens=r"<\|image\|>", end_of_turn="<|eot_id|>",
+        image_tokens=r"<\|image\|>", end_of_turn="<|eot_id|>", image_expansion="fixed",
         notes="Cross-attention model: <|image|> stays one token; the projector is itself a Linear.",
     ),
 }

@@ -20,6 +20,7 @@ from .formats import RowError
 
 #: Refuse images with more pixels than this (PIL's own bomb threshold is 2x its 89M-pixel warning).
 DEFAULT_PIXEL_LIMIT = 89_478_485
+ORIENTATION = 0x0112  # the EXIF tag exif_transpose reads
 URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -82,10 +83,8 @@ def load_image(ref: Any, root: Path | None, max_pixels: int | None = None, pixel
                allow_external: bool = False) -> Image.Image:
     """Decode one image reference to an RGB PIL image, downscaled to at most `max_pixels` pixels if set."""
     image = open_image(ref, root, allow_external)
-    name = ref if isinstance(ref, str) else (ref.get("path") if isinstance(ref, dict) else None) or "<image>"
-    if image.width * image.height > pixel_limit:
-        raise BadMedia("too many pixels", f"{name}: {image.width}x{image.height} is over data.pixel_limit="
-                                          f"{pixel_limit} pixels (a decompression bomb?)")
+    name = _name(ref)
+    _check_pixel_limit(image, ref, pixel_limit)
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
@@ -96,13 +95,58 @@ def load_image(ref: Any, root: Path | None, max_pixels: int | None = None, pixel
     return downscale(image, max_pixels)
 
 
+def image_size(ref: Any, root: Path | None, max_pixels: int | None = None,
+               pixel_limit: int = DEFAULT_PIXEL_LIMIT, allow_external: bool = False) -> tuple[int, int]:
+    """(width, height) that `load_image` would return, read from the file's header alone (no pixel decoding).
+
+    Catches what the header shows (missing, empty, not an image, over the pixel limit, outside the image root);
+    a file whose pixel data is broken (truncated) only fails when it is decoded, in training.
+    """
+    image = open_image(ref, root, allow_external)
+    _check_pixel_limit(image, ref, pixel_limit)
+    width, height = image.size
+    # EXIF orientations 5-8 rotate by 90 degrees: exif_transpose swaps the sides.
+    if _header_exif(image).get(ORIENTATION, 1) in (5, 6, 7, 8):
+        width, height = height, width
+    return scaled_size(width, height, max_pixels)
+
+
+def _header_exif(image: Image.Image) -> Image.Exif:
+    # PIL's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixels; an eXIf chunk before
+    # them (where writers put it) is already in `info` after the header is read.
+    if image.format != "PNG":
+        try:
+            return image.getexif()
+        except (OSError, SyntaxError, ValueError):  # a broken header: decoding will say what is wrong
+            return Image.Exif()
+    exif = Image.Exif()
+    if image.info.get("exif"):
+        exif.load(image.info["exif"])
+    return exif
+
+
+def _name(ref: Any) -> str:
+    return ref if isinstance(ref, str) else (ref.get("path") if isinstance(ref, dict) else None) or "<image>"
+
+
+def _check_pixel_limit(image: Image.Image, ref: Any, pixel_limit: int) -> None:
+    if image.width * image.height > pixel_limit:
+        raise BadMedia("too many pixels", f"{_name(ref)}: {image.width}x{image.height} is over data.pixel_limit="
+                                          f"{pixel_limit} pixels (a decompression bomb?)")
+
+
 def downscale(image: Image.Image, max_pixels: int | None) -> Image.Image:
     """The image shrunk (aspect kept) to at most `max_pixels` pixels; unchanged when smaller or no limit."""
-    if not max_pixels or image.width * image.height <= max_pixels:
-        return image
-    scale = (max_pixels / (image.width * image.height)) ** 0.5
-    return image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
-                        Image.Resampling.BICUBIC)
+    size = scaled_size(image.width, image.height, max_pixels)
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
+
+def scaled_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    """The size `downscale` gives an image of width x height."""
+    if not max_pixels or width * height <= max_pixels:
+        return width, height
+    scale = (max_pixels / (width * height)) ** 0.5
+    return max(1, int(width * scale)), max(1, int(height * scale))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

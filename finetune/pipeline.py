@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Sequence
 
 from .collate import ChatCollator
-from .data import chat_dataset
+from .data import RowReader, chat_rows, source_rows
 from .checkpoints import CHECKPOINT, checkpoints, leftovers, newest_complete, resume_point, step_of
 from .families import Family
 from .guards import HealthMonitor, TrainingInterrupted
 from .modeling import LoraPlan, load_family, load_model, load_processor, plan_lora, trainable_by_group
 from .recipe import Recipe, RecipeError, load_recipe
 from .report import loss_points, metric_points, plot_loss, write_recipe, write_summary
-from .scan import ScanReport, scan
+from .lengths import Measurer
+from .scan import ScanReport, scan_rows
 from .sharding import refuse_text_only_rows_when_sharded, sharded_strategy
 
 
@@ -39,7 +40,11 @@ class Run:
 def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), overwrite: bool = False) -> Path:
     """Fine-tune as the recipe says; returns the output folder holding the adapter, processor and summary."""
     started = time.time()
-    if not isinstance(recipe, Recipe):
+    if isinstance(recipe, Recipe) and overrides:  # overrides apply to a loaded recipe too, never silently not
+        source = recipe.source
+        recipe = load_recipe(recipe.to_dict(), overrides)
+        recipe.source = source
+    elif not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     out = Path(recipe.training.output_dir)
     resume = resume_point(recipe.training.resume, out, recipe.training.resume_allow_incomplete)
@@ -55,9 +60,10 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
         raise TrainingInterrupted(
             f"interrupted at step {run.trainer.interrupt.interrupted_at}; saved {where}. Continue with: "
             f"finetune train {recipe.source or 'RECIPE'} training.resume=auto")
-    throughput = run.trainer.throughput(result.metrics["train_runtime"])  # a collective: every rank calls it
+    throughput = run.trainer.throughput(result.metrics["train_runtime"])  # collectives: every rank calls them
+    decode_failures = run.trainer.dropped_during_training()
     if run.trainer.is_world_process_zero():
-        save(run, result, out, started, throughput)
+        save(run, result, out, started, throughput, decode_failures)
         if run.eval_data is not None and recipe.evaluation.enabled:
             from .evaluation import before_after
 
@@ -73,15 +79,20 @@ def prepare(recipe: Recipe) -> Run:
     """Load processor, data (scanned), model and adapters, and build the SFTTrainer."""
     # Processor first: it is cheap, and the data scan needs it before any weights are read.
     model_path, family, processor, collator = load_processing(recipe)
-    train_data, train_scan = scanned(recipe, recipe.data.train_split, family, collator)
-    log(f"train data: {train_scan.describe()}")
-    eval_data = eval_scan = None
-    if recipe.data.eval_split:
-        eval_data, eval_scan = scanned(recipe, recipe.data.eval_split, family, collator)
-        log(f"eval data: {eval_scan.describe()}")
-        eval_data = eval_data.select(eval_scan.kept)
-
     args = recipe.sft_config(**_runtime_overrides(recipe))
+    # One process per machine scans (and caches); the others wait, then load the cached scan. `args.device` sets
+    # up the process group first: without it the ranks do not know of each other yet and would all scan.
+    args.device  # noqa: B018
+    with args.main_process_first(local=True, desc="pre-flight scan"):
+        train_data, train_scan = scanned(recipe, recipe.data.train_split, family, collator)
+        eval_data = eval_scan = None
+        if recipe.data.eval_split:
+            eval_data, eval_scan = scanned(recipe, recipe.data.eval_split, family, collator)
+            eval_data = eval_data.select(eval_scan.kept)
+    log(f"train data: {train_scan.describe()}")
+    if eval_scan is not None:
+        log(f"eval data: {eval_scan.describe()}")
+
     refuse_text_only_rows_when_sharded(sharded_strategy(args), train_scan.images_per_row)
 
     model = load_model(model_path, recipe.model, recipe.quantization, family)
@@ -120,12 +131,21 @@ def load_processing(recipe: Recipe) -> tuple[str, Family, object, ChatCollator]:
 
 def scanned(recipe: Recipe, split: str, family: Family, collator: ChatCollator):
     """A split as chat rows, and the pre-flight scan of it (lengths, what is dropped and why)."""
-    data = chat_dataset(recipe.data, split, videos_as_images=not family.video_input)
-    report = scan(data, collator, recipe.training.max_length, recipe.data.on_too_long, recipe.data.on_bad_image)
-    return data, report
+    cfg = recipe.data
+    reader = RowReader(cfg, videos_as_images=not family.video_input)
+    rows = source_rows(cfg, split)
+    report = scan_rows(rows, reader, Measurer(collator.processor, family), recipe.training.max_length,
+                       cfg.on_too_long, cfg.on_bad_image, verify=cfg.verify_images,
+                       num_proc=cfg.num_proc or available_cores(), log=rank_log)
+    return chat_rows(rows, reader), report
 
 
-def save(run: Run, result, out: Path, started: float, throughput: dict | None = None) -> None:
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def save(run: Run, result, out: Path, started: float, throughput: dict | None = None,
+         decode_failures: dict | None = None) -> None:
     """Adapter + processor (everything inference needs), the resolved recipe, summary and loss curve."""
     trainer = run.trainer
     trainer.save_model(str(out))
@@ -148,7 +168,7 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
         "trainable_parameters": trainable_by_group(trainer.model, run.family),
         "lora_modules": {group: len(names) for group, names in run.lora.modules.items()},
         "lora_parameters": run.lora.parameters,
-        "train_data": run.train_scan.summary(),
+        "train_data": {**run.train_scan.summary(), "dropped_in_training": decode_failures or {}},
         "eval_data": run.eval_scan.summary() if run.eval_scan else None,
         "wall_time_s": round(time.time() - started, 1),
         "train_runtime_s": result.metrics.get("train_runtime"),
@@ -161,6 +181,9 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
     speed = (f"; {throughput['tokens_per_second']:.0f} tokens/s, {throughput['samples_per_second']:.2f} samples/s, "
              f"{throughput['padding_fraction']:.0%} padding" if throughput else "")
     print(f"[finetune] done in {time.time() - started:.0f}s; {loss}{speed}; outputs in {out}")
+    for reason, info in ((decode_failures or {}).get("rows") or {}).items():
+        print(f"[finetune] left out during training ({reason}): {info['count']} rows, ids {info['row_ids'][:10]}; "
+              f"e.g. {info['example']}")
 
 
 def is_main_process() -> bool:
@@ -172,6 +195,12 @@ def log(message: str) -> None:
     """Print once per run, not once per process."""
     if is_main_process():
         print(f"[finetune] {message}", flush=True)
+
+
+def rank_log(message: str) -> None:
+    """Print from every process, naming the rank where there are several."""
+    rank = f" rank {os.environ['RANK']}:" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    print(f"[finetune]{rank} {message}", flush=True)
 
 
 def _runtime_overrides(recipe: Recipe) -> dict:

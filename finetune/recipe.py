@@ -86,6 +86,13 @@ class DataConfig:
     video_frames: int | None = 8
     #: Sample videos at this many frames per second instead of a fixed count.
     video_fps: float | None = None
+    #: How the pre-flight scan checks images: `header` reads each file's header only (missing, empty, not an
+    #: image, over `pixel_limit`, outside the image root; lengths from the processor's formulas), `decode` decodes
+    #: every image as training will (also catches truncated pixel data, at the cost of decoding everything).
+    #: A file that fails only when decoded in training is dropped from its batch and counted, never fatal.
+    verify_images: Literal["header", "decode"] = "header"
+    #: Processes for the pre-flight scan; None = the CPU cores available to this process.
+    num_proc: int | None = None
 
     def validate(self) -> None:
         from .formats import COLUMNS, FORMATS
@@ -99,7 +106,7 @@ class DataConfig:
                 raise RecipeError(f"data.columns.{ours}: expected a dataset column name, got {theirs!r}")
         if self.expand_captions and self.format != "caption":
             raise RecipeError(f"data.expand_captions: only for data.format caption, not {self.format}")
-        for key in ("max_pixels", "pixel_limit", "video_frames", "video_fps"):
+        for key in ("max_pixels", "pixel_limit", "video_frames", "video_fps", "num_proc"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise RecipeError(f"data.{key}: must be > 0, got {value}")

@@ -1,13 +1,28 @@
-"""Pre-flight scan: encode every sample once, exactly as training will, and decide which ones can be trained.
+"""Pre-flight scan: measure every sample as training will encode it, and decide which ones can be trained.
 
 A sample longer than `training.max_length` after image expansion is dropped or refused (never truncated: that
 would cut image tokens and crash mid-run), and a sample with no supervised token is dropped (its loss is NaN).
+
+`scan_rows` is what runs: images are read from their headers only (`data.verify_images: header`) and lengths come
+from the processor's own formulas (finetune.lengths), in `data.num_proc` processes, and the measurements are cached
+under a fingerprint of the data and processing settings, so a second start, a resume or another rank loads them
+in seconds. `scan` is the plain reference: every sample decoded and collated, one by one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
 
 
 class DataRefused(ValueError):
@@ -21,8 +36,14 @@ class ScanReport:
     lengths: list[int] = field(default_factory=list)  # token length of each kept sample
     supervised_tokens: int = 0
     dropped: dict[str, list[int]] = field(default_factory=dict)  # reason -> row ids
-    images_per_row: dict[int, int] = field(default_factory=dict)  # row id -> images, for every kept row
+    media: list[int] = field(default_factory=list)  # images + videos of each kept sample
+    kept_row_ids: list[int] = field(default_factory=list)  # row id of each kept sample
     examples: dict[str, str] = field(default_factory=dict)  # reason -> the first problem's full message
+
+    @property
+    def images_per_row(self) -> dict[int, int]:
+        """Row id -> images (and videos) of every kept row."""
+        return dict(zip(self.kept_row_ids, self.media))
 
     def summary(self) -> dict:
         lengths = sorted(self.lengths)
@@ -33,7 +54,7 @@ class ScanReport:
             "dropped": {reason: {"count": len(ids), "row_ids": ids[:50]} for reason, ids in self.dropped.items()},
             "tokens_per_sample": {"min": pct(0), "median": pct(0.5), "p90": pct(0.9), "max": pct(1.0)},
             "supervised_tokens": self.supervised_tokens,
-            "images_per_row": dict(sorted(Counter(self.images_per_row.values()).items())),
+            "images_per_row": dict(sorted(Counter(self.media).items())),
             "problems": self.examples,
         }
 
@@ -53,7 +74,7 @@ class ScanReport:
 
 def scan(dataset, collator, max_length: int | None, on_too_long: str = "drop",
          on_bad_image: str = "drop") -> ScanReport:
-    """Encode each sample of a chat dataset with the training collator; record lengths and what must be dropped."""
+    """The reference scan: each sample of a chat dataset decoded and encoded with the training collator, serially."""
     report = ScanReport(rows=len(dataset))
     dropped: dict[str, list[int]] = {}
     for i in range(len(dataset)):
@@ -72,10 +93,17 @@ def scan(dataset, collator, max_length: int | None, on_too_long: str = "drop",
             dropped.setdefault("no supervised tokens", []).append(sample["row_id"])
         else:
             report.kept.append(i)
-            report.images_per_row[sample["row_id"]] = len(sample["images"]) + len(sample["videos"])
+            report.kept_row_ids.append(sample["row_id"])
+            report.media.append(len(sample["images"]) + len(sample["videos"]))
             report.lengths.append(length)
             report.supervised_tokens += supervised
     report.dropped = dropped
+    return refuse_or_report(report, max_length, on_too_long, on_bad_image)
+
+
+def refuse_or_report(report: ScanReport, max_length: int | None, on_too_long: str, on_bad_image: str) -> ScanReport:
+    """Raise DataRefused where the recipe says `error` (or nothing is left to train); else the report."""
+    dropped = report.dropped
     bad = {reason: ids for reason, ids in dropped.items() if reason in report.examples}
     if bad and on_bad_image == "error":
         raise DataRefused(
@@ -94,3 +122,179 @@ def scan(dataset, collator, max_length: int | None, on_too_long: str = "drop",
         raise DataRefused("no trainable samples left:\n" + report.describe())
     return report
 
+
+#: Bump when a change alters what the scan measures; cached scans of other versions are not used.
+SCAN_VERSION = "1"
+SELF_CHECK_ROWS = 8
+#: Data settings that decide what happens to measured rows, or where rows come from, but not how they measure.
+DECISIONS = ("on_too_long", "on_bad_image", "num_proc", "train_split", "eval_split")
+
+
+@dataclass
+class Measured:
+    """Per source row: tokens, supervised tokens, images + videos, and the problem ("reason: detail") or ""."""
+
+    row_ids: np.ndarray
+    lengths: np.ndarray
+    supervised: np.ndarray
+    media: np.ndarray
+    problems: list[str]
+
+    def save(self, folder: Path) -> None:
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        np.savez(tmp / "measured.npz", row_ids=self.row_ids, lengths=self.lengths, supervised=self.supervised,
+                 media=self.media)
+        (tmp / "problems.json").write_text(json.dumps({i: p for i, p in enumerate(self.problems) if p}))
+        try:
+            os.replace(tmp, folder)  # atomic: a reader never sees half a cache entry
+        except OSError:  # another process stored the same entry first
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, folder: Path) -> "Measured":
+        arrays = np.load(folder / "measured.npz")
+        problems = [""] * len(arrays["row_ids"])
+        for i, problem in json.loads((folder / "problems.json").read_text()).items():
+            problems[int(i)] = problem
+        return cls(arrays["row_ids"], arrays["lengths"], arrays["supervised"], arrays["media"], problems)
+
+
+def scan_rows(rows, reader, measurer, max_length: int | None, on_too_long: str = "drop", on_bad_image: str = "drop",
+              verify: str = "header", num_proc: int = 1, cache: bool = True, log=print) -> ScanReport:
+    """Measure the source `rows` (reader: finetune.data.RowReader) and decide which samples train.
+
+    The measurements are cached (see `fingerprint`); the decisions (max_length, on_* settings) are not, so changing
+    them never rescans.
+    """
+    folder = cache_dir() / fingerprint(rows, reader, measurer, verify) if cache else None
+    if folder is not None and (folder / "measured.npz").exists():
+        started = time.time()
+        measured = Measured.load(folder)
+        log(f"pre-flight scan of {len(rows)} rows loaded from cache in {time.time() - started:.1f}s ({folder})")
+    else:
+        started = time.time()
+        num_proc = max(1, min(num_proc, len(rows) // 500))  # a worker process costs more than a few hundred rows
+        measured = measure_rows(rows, reader, measurer, verify, num_proc)
+        if verify == "header" and not self_check(rows, reader, measurer, measured):
+            log("WARNING: lengths measured from image headers differ from the collated ones for this processor; "
+                "rescanning with decoded images (data.verify_images: decode). Please report this model.")
+            measured = measure_rows(rows, reader, measurer, "decode", num_proc)
+        seconds = time.time() - started
+        log(f"pre-flight scan of {len(rows)} rows ({verify} check, {num_proc} process"
+            f"{'es' if num_proc > 1 else ''}): {seconds:.1f}s, {len(rows) / max(seconds, 1e-9):.0f} rows/s")
+        if folder is not None:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            measured.save(folder)
+    return decide(measured, max_length, on_too_long, on_bad_image)
+
+
+def measure_rows(rows, reader, measurer, verify: str, num_proc: int) -> Measured:
+    """Every row measured, in `num_proc` processes."""
+    from .data import ROW_ID, read_row
+
+    read = reader.sized if verify == "header" else reader.decoded
+
+    def measure(batch: dict) -> dict:
+        out: dict[str, list] = {"length": [], "supervised": [], "media": [], "problem": []}
+        for values in zip(*batch.values()):
+            row = dict(zip(batch.keys(), values))
+            row.pop(ROW_ID)
+            sample, problem = read_row(read, row)
+            length = supervised = 0
+            if not problem:
+                length, supervised = measurer.measure(sample)
+            out["length"].append(length)
+            out["supervised"].append(supervised)
+            out["media"].append(len(sample["images"]) + len(sample["videos"]))
+            out["problem"].append(problem or "")
+        return out
+
+    result = rows.map(measure, batched=True, batch_size=200, num_proc=num_proc if num_proc > 1 else None,
+                      remove_columns=[c for c in rows.column_names if c != ROW_ID], keep_in_memory=True,
+                      load_from_cache_file=False, new_fingerprint=f"finetune-scan-{verify}",
+                      desc=f"pre-flight scan ({verify})")
+    table = result.data  # Arrow: whole columns at once, no per-row Python objects
+    column = lambda name, dtype: table.column(name).to_numpy().astype(dtype)  # noqa: E731
+    return Measured(column(ROW_ID, np.int64), column("length", np.int32), column("supervised", np.int32),
+                    column("media", np.int16), table.column("problem").to_pylist())
+
+
+def self_check(rows, reader, measurer, measured: Measured) -> bool:
+    """Collate a few measured rows for real (decoded images) and compare: a processor whose formulas the header
+    path does not follow is caught here, on the user's own data, instead of mid-run."""
+    from .data import ROW_ID, read_row
+
+    candidates = [i for i in range(len(measured.problems)) if not measured.problems[i] and measured.media[i]]
+    picked = candidates[:: max(1, len(candidates) // SELF_CHECK_ROWS)][:SELF_CHECK_ROWS]
+    for i in picked:
+        row = rows[i]
+        row_id = row.pop(ROW_ID)
+        sample, problem = read_row(reader.decoded, row)
+        if problem:  # broken pixel data behind a good header: training drops it; nothing to compare
+            continue
+        sample[ROW_ID] = row_id
+        if measurer.collated(sample) != (int(measured.lengths[i]), int(measured.supervised[i])):
+            return False
+    return True
+
+
+def decide(measured: Measured, max_length: int | None, on_too_long: str, on_bad_image: str) -> ScanReport:
+    """Which rows train, and every other row with its reason."""
+    report = ScanReport(rows=len(measured.row_ids))
+    dropped: dict[str, list[int]] = {}
+    for i, problem in enumerate(measured.problems):
+        if problem:
+            reason, _, detail = problem.partition(": ")
+            dropped.setdefault(reason, []).append(int(measured.row_ids[i]))
+            report.examples.setdefault(reason, f"row {measured.row_ids[i]}: {detail}")
+    usable = np.array([not p for p in measured.problems], dtype=bool)
+    too_long = usable & (measured.lengths > max_length) if max_length is not None else np.zeros_like(usable)
+    if too_long.any():
+        dropped[f"longer than training.max_length={max_length}"] = measured.row_ids[too_long].tolist()
+    empty = usable & ~too_long & (measured.supervised == 0)
+    if empty.any():
+        dropped["no supervised tokens"] = measured.row_ids[empty].tolist()
+    kept = usable & ~too_long & ~empty
+    report.kept = np.flatnonzero(kept).tolist()
+    report.lengths = measured.lengths[kept].tolist()
+    report.supervised_tokens = int(measured.supervised[kept].sum())
+    report.media = measured.media[kept].tolist()
+    report.kept_row_ids = measured.row_ids[kept].tolist()
+    report.dropped = dropped
+    return refuse_or_report(report, max_length, on_too_long, on_bad_image)
+
+
+def fingerprint(rows, reader, measurer, verify: str) -> str:
+    """Everything a measurement depends on: the rows (datasets' fingerprint of the source and every transform),
+    how rows become chat samples (the data section), the processor (tokenizer, chat template, image settings),
+    the family and the scan's own code version. Image files are named by the rows, not hashed: replacing an
+    image in place keeps its cached measurement (a file broken since then is dropped during training)."""
+    processor = measurer.processor
+    tokenizer = processor.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = {
+        "version": SCAN_VERSION,
+        "rows": rows._fingerprint,
+        "data": {k: v for k, v in dataclasses.asdict(reader.cfg).items() if k not in DECISIONS},
+        "videos_as_images": reader.videos_as_images,
+        "verify": verify,
+        "family": measurer.family.name,
+        "template": getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
+        "tokenizer": hashlib.sha256(backend.to_str().encode()).hexdigest() if backend else repr(tokenizer),
+        "special": repr(sorted(tokenizer.special_tokens_map.items())),
+        "image_processor": _settings(getattr(processor, "image_processor", None)),
+        "video_processor": _settings(getattr(processor, "video_processor", None)),
+        "processor": {k: repr(v) for k, v in sorted(vars(processor).items())
+                      if isinstance(v, (int, float, str, bool, type(None)))},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:24]
+
+
+def _settings(component) -> str | None:
+    return None if component is None else component.to_json_string()
+
+
+def cache_dir() -> Path:
+    """Where scans are cached: $FINETUNE_CACHE/scans (default ~/.cache/finetune/scans)."""
+    env = os.environ.get("FINETUNE_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "finetune") / "scans"

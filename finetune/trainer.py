@@ -28,6 +28,9 @@ class Trainer(SFTTrainer):
         self.health = health or HealthMonitor("stop", None)
         self.interrupt = SaveOnInterrupt()
         self.seen = torch.zeros(3, dtype=torch.long)  # samples, real tokens, padded positions (this process)
+        self.dropped_in_training: dict[str, list[tuple[int, str]]] = {}  # reason -> (row id, problem)
+        self.empty_batches = 0
+        self._skip_batch = False
         self._staging: Path | None = None
         super().__init__(*args, **kwargs)
         self.add_callback(self.interrupt)
@@ -35,29 +38,65 @@ class Trainer(SFTTrainer):
     # --- counting and guarding every batch ---------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._skip_batch = self._take_dropped(inputs)
         # Counted where batches arrive (the collator may run in dataloader workers, whose counts would be lost).
         mask = inputs["attention_mask"]
-        self.seen += torch.tensor([mask.shape[0], int(mask.sum()), mask.numel()])
+        if not self._skip_batch:
+            self.seen += torch.tensor([mask.shape[0], int(mask.sum()), mask.numel()])
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self._take_dropped(inputs)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def _take_dropped(self, inputs: dict) -> bool:
+        """Record the rows the collator left out (images that failed to decode); True for a stand-in batch."""
+        for row_id, problem in inputs.pop("dropped_rows", ()):
+            self.dropped_in_training.setdefault(problem.partition(": ")[0], []).append((row_id, problem))
+        return bool(inputs.pop("skip_batch", False))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not model.training:
             return result
         loss = result[0] if return_outputs else result
-        # Checked before backward, so a NaN never reaches the gradients; all ranks agree on the verdict.
-        finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+        # Checked before backward, so a NaN never reaches the gradients; all ranks agree on the verdict. A stand-in
+        # batch (no row of it could be decoded) is skipped by every rank together, the same way.
+        verdict = torch.tensor([int(torch.isfinite(loss.detach()).all()), int(not self._skip_batch)],
+                               dtype=torch.int32, device=loss.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if finite.item():
+            torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MIN)
+        finite, real = (bool(v) for v in verdict.tolist())
+        if finite and real:
             return result
-        local = float(loss.detach().float().sum())
-        # Finite here but not on another rank: report NaN, so that every rank stops (or skips) together.
-        self.health.check_loss(local if not math.isfinite(local) else float("nan"),
-                               self.state.global_step + 1)  # raises, unless guards.on_nonfinite is skip
+        if not real:
+            self.empty_batches += 1
+        else:
+            local = float(loss.detach().float().sum())
+            # Finite here but not on another rank: report NaN, so that every rank stops (or skips) together.
+            self.health.check_loss(local if not math.isfinite(local) else float("nan"),
+                                   self.state.global_step + 1)  # raises, unless guards.on_nonfinite is skip
         # Skipped: a zero loss that still reaches every trainable weight, so backward gives exactly zero gradients.
         zero = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
         return (zero, result[1]) if return_outputs else zero
+
+    def dropped_during_training(self) -> dict:
+        """Rows left out of their batch because their images failed to decode, over all processes (a collective:
+        call on every rank): reason -> {count, row_ids, example}, plus batches skipped whole."""
+        local = (self.dropped_in_training, self.empty_batches)
+        gathered = [local]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, local)
+        merged: dict[str, list] = {}
+        for dropped, _ in gathered:
+            for reason, rows in dropped.items():
+                merged.setdefault(reason, []).extend(rows)
+        report = {reason: {"count": len(rows), "row_ids": sorted({r for r, _ in rows})[:50],
+                           "example": f"row {rows[0][0]}: {rows[0][1].partition(': ')[2]}"}
+                  for reason, rows in merged.items()}
+        skipped = sum(n for _, n in gathered)
+        return {"rows": report, "skipped_batches": skipped} if report or skipped else {}
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm)

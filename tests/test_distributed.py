@@ -17,10 +17,13 @@ BIN = Path(sys.executable).parent
 def test_two_process_cpu_training(tmp_path):
     reports, out = tmp_path / "reports", tmp_path / "runs" / "ddp"
     reports.mkdir()
+    # Rows of their own (a file no other test reads), so that no earlier test's scan is in the cache.
+    sample = ROOT / "data/chartqa-tiny"
+    (tmp_path / "train.jsonl").write_text("".join((sample / "train.jsonl").read_text().splitlines(True)[:32]))
     result = subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(ROOT / "tests/ddp_worker.py"),
          str(reports), str(ROOT / "recipes/tiny-chartqa.yaml"), "model.name_or_path=zoo:qwen2_vl",
-         f"data.path={ROOT / 'data/chartqa-tiny'}", "data.max_samples=32", "data.eval_split=null",
+         f"data.path={tmp_path / 'train.jsonl'}", f"data.image_root={sample}", "data.eval_split=null",
          "training.max_steps=4", "training.per_device_train_batch_size=4", "training.logging_steps=1",
          f"training.output_dir={out}", "training.disable_tqdm=true"],
         cwd=ROOT, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
@@ -39,6 +42,10 @@ def test_two_process_cpu_training(tmp_path):
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["steps"] == 4 and len(summary["loss_curve"]) == 4
     assert result.stdout.count("[finetune] done in") == 1
+    # The data was scanned once, by rank 0; rank 1 waited and loaded the cached scan.
+    assert result.stdout.count("[finetune] rank 0: pre-flight scan of 32 rows (header check") == 1
+    assert result.stdout.count("[finetune] rank 1: pre-flight scan of 32 rows loaded from cache") == 1
+    assert result.stdout.count("pre-flight scan of") == 2
     assert result.stdout.count("[finetune] train data:") == 1 and result.stdout.count("[finetune] trainable parameters") == 1
     # Throughput counts the batches of both ranks.
     seen = [r["seen"] for r in ranks]

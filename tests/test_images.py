@@ -84,13 +84,23 @@ def fuzz_recipe(root, tmp_path, **data):
     })
 
 
-def test_fuzzed_images_are_normalised_or_dropped_with_their_reason_and_training_proceeds(tmp_path):
+DECODE_ONLY = {"truncated": [7, 16]}  # a good header in front of broken pixel data
+
+
+@pytest.mark.parametrize("verify", ["decode", "header"])
+def test_fuzzed_images_are_normalised_or_dropped_with_their_reason_and_training_proceeds(tmp_path, verify):
     root = build_fuzz_set(tmp_path)
-    recipe = fuzz_recipe(root, tmp_path)
+    recipe = fuzz_recipe(root, tmp_path, verify_images=verify)
     _, family, _, collator = load_processing(recipe)
     data, report = scanned(recipe, "train", family, collator)
-    assert report.dropped == EXPECTED_DROPS
-    assert report.kept == [0, 1, 2, 3, 4, 5, 6] and report.rows == 17
+    if verify == "decode":
+        assert report.dropped == EXPECTED_DROPS
+        assert report.kept == [0, 1, 2, 3, 4, 5, 6] and report.rows == 17
+    else:  # same fates, except the truncated files: they pass the header check and are dropped in training
+        assert report.dropped == {k: v for k, v in EXPECTED_DROPS.items() if k not in DECODE_ONLY}
+        assert report.kept == [0, 1, 2, 3, 4, 5, 6, 7, 16] and report.rows == 17
+        assert all("truncated" in (data[i]["problem"] or "") for i in (7, 16))
+        report.kept = [0, 1, 2, 3, 4, 5, 6]  # the checks below look at the good rows
     assert "row 12:" in report.examples["outside image root"] and "an absolute path outside the image root" in \
         report.examples["outside image root"]
 
@@ -102,22 +112,36 @@ def test_fuzzed_images_are_normalised_or_dropped_with_their_reason_and_training_
     low, high = kept[2].getextrema()[0]
     assert (low, high) == (0, 255), "16-bit range scaled to 8 bits, not clipped"
 
-    out = finetune.train(recipe)
+    # Every row trains once (batch 2, 5 steps cover the 9 header-checked rows): the truncated ones are left out.
+    out = finetune.train(recipe, overrides=["training.max_steps=5", "training.train_sampling_strategy=sequential"])
     summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["steps"] == 1 and summary["train_data"]["kept"] == 7
-    assert {k: v["row_ids"] for k, v in summary["train_data"]["dropped"].items()} == EXPECTED_DROPS
-    assert summary["train_data"]["images_per_row"] == {"1": 7}
+    train_data = summary["train_data"]
+    assert summary["steps"] == 5
+    if verify == "decode":
+        assert train_data["kept"] == 7 and train_data["dropped_in_training"] == {}
+        assert {k: v["row_ids"] for k, v in train_data["dropped"].items()} == EXPECTED_DROPS
+        assert train_data["images_per_row"] == {"1": 7}
+    else:
+        assert train_data["kept"] == 9
+        rows = train_data["dropped_in_training"]["rows"]
+        assert {k: (v["count"], v["row_ids"]) for k, v in rows.items()} == {"truncated": (2, [7, 16])}
+        assert rows["truncated"]["example"].startswith("row 7: images/truncated.png")
+        # In order, batches of 2: [0 1] [2 3] [4 5] [6 7] [16]; the last one has no good row, so every rank skips
+        # it (a stand-in with nothing labelled), and the 7 good rows are the samples trained.
+        assert train_data["dropped_in_training"]["skipped_batches"] == 1
+        assert summary["throughput"]["samples"] == 7
 
 
-def test_bad_images_can_fail_fast_with_a_summary(tmp_path):
+@pytest.mark.parametrize("verify", ["decode", "header"])
+def test_bad_images_can_fail_fast_with_a_summary(tmp_path, verify):
     root = build_fuzz_set(tmp_path)
-    recipe = fuzz_recipe(root, tmp_path, on_bad_image="error")
+    recipe = fuzz_recipe(root, tmp_path, on_bad_image="error", verify_images=verify)
     with pytest.raises(DataRefused) as e:
         finetune.train(recipe)
     message = str(e.value)
-    assert message.startswith("10 rows have images, videos or fields that cannot be used")
+    assert message.startswith(f"{10 if verify == 'decode' else 8} rows have images, videos or fields that cannot")
     assert "outside image root: 3 rows (ids [12, 13, 14])" in message
-    assert "truncated: 2 rows (ids [7, 16])" in message
+    assert ("truncated: 2 rows (ids [7, 16])" in message) == (verify == "decode")
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
