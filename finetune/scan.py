@@ -192,7 +192,8 @@ def measure_rows(rows, reader, measurer, verify: str, num_proc: int) -> Measured
     """Every row measured, in `num_proc` processes."""
     from .data import ROW_ID, read_row
 
-    read = reader.sized if verify == "header" else reader.decoded
+    # header: sizes from file headers, lengths from the processor's formulas; decode: the collator itself.
+    read, encode = (reader.sized, measurer.measure) if verify == "header" else (reader.decoded, measurer.collated)
 
     def measure(batch: dict) -> dict:
         out: dict[str, list] = {"length": [], "supervised": [], "media": [], "problem": []}
@@ -202,7 +203,7 @@ def measure_rows(rows, reader, measurer, verify: str, num_proc: int) -> Measured
             sample, problem = read_row(read, row)
             length = supervised = 0
             if not problem:
-                length, supervised = measurer.measure(sample)
+                length, supervised = encode(sample)
             out["length"].append(length)
             out["supervised"].append(supervised)
             out["media"].append(len(sample["images"]) + len(sample["videos"]))

@@ -55,7 +55,7 @@ def digest(folder: Path) -> dict[str, str]:
     (3, 2, {"train_sampling_strategy": "group_by_length"}),
     (3, 1, {"qlora": True}),
 ])
-def test_resume_after_sigkill_mid_save_equals_an_uninterrupted_run(tmp_path, kill_at, accumulation, extra):
+def test_resume_after_sigkill_mid_save_equals_an_uninterrupted_run(tmp_path, kill_at, accumulation, extra, capsys):
     extra = dict(extra)
     qlora = extra.pop("qlora", False)
 
@@ -81,7 +81,9 @@ def test_resume_after_sigkill_mid_save_equals_an_uninterrupted_run(tmp_path, kil
     assert (out / STAGING / f"checkpoint-{kill_at + 1}" / "adapter_model.safetensors").is_file(), "killed mid-write"
     assert not (out / "adapter_model.safetensors").exists()
 
+    capsys.readouterr()
     resumed = finetune.train(make(out, resume="auto"))
+    assert "pre-flight scan of 12 rows loaded from cache" in capsys.readouterr().out, "a resume does not rescan"
     assert not (out / STAGING).exists(), "the partial checkpoint was removed"
     assert losses(resumed) == losses(reference) and len(losses(reference)) == 5
     after, expected = load_file(resumed / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")

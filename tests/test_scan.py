@@ -61,3 +61,42 @@ def test_too_long_rows_can_be_refused_before_training(tmp_path):
 def test_nothing_trainable_is_refused(tmp_path):
     with pytest.raises(DataRefused, match="no trainable samples left"):
         prepare(recipe(tmp_path, chat_rows(tmp_path, n_ok=0), "training.max_length=10"))
+
+
+def test_a_second_start_loads_the_scan_from_cache_and_decisions_are_not_cached(tmp_path, capsys):
+    data = chat_rows(tmp_path)
+    first = scanned_report(tmp_path, data)
+    assert "pre-flight scan of 8 rows (header check" in capsys.readouterr().out
+    again = scanned_report(tmp_path, data)
+    assert "pre-flight scan of 8 rows loaded from cache" in capsys.readouterr().out
+    assert (again.kept, again.lengths, again.dropped) == (first.kept, first.lengths, first.dropped)
+
+    # max_length decides what is dropped but does not change a measurement: no rescan, other decisions.
+    longer = scanned_report(tmp_path, data, "training.max_length=200")
+    assert "loaded from cache" in capsys.readouterr().out
+    assert longer.kept == [0, 1, 2, 3, 4, 5, 6] and longer.dropped == {"no supervised tokens": [7]}
+
+    # An image setting changes the measurement: scanned again.
+    scanned_report(tmp_path, data, "data.max_pixels=1024")
+    assert "pre-flight scan of 8 rows (header check" in capsys.readouterr().out
+
+
+def test_a_processor_the_header_path_does_not_follow_is_rescanned_decoded(tmp_path, capsys, monkeypatch):
+    from finetune.lengths import Measurer
+
+    data = chat_rows(tmp_path)
+    honest = scanned_report(tmp_path, data, "data.verify_images=decode")
+    capsys.readouterr()
+    measure = Measurer.measure
+    monkeypatch.setattr(Measurer, "measure", lambda self, sample: (lambda n, s: (n + 1, s))(*measure(self, sample)))
+    report = scanned_report(tmp_path, data, "data.max_samples=7")  # another fingerprint
+    assert "rescanning with decoded images" in capsys.readouterr().out
+    assert report.lengths == honest.lengths[:5] and report.kept == [0, 1, 2, 3, 4]
+
+
+def scanned_report(tmp_path, data_path, *overrides):
+    from finetune.pipeline import load_processing, scanned
+
+    r = recipe(tmp_path, data_path, *overrides)
+    _, family, _, collator = load_processing(r)
+    return scanned(r, r.data.train_split, family, collator)[1]
