@@ -11,6 +11,7 @@ the formulas cannot see (Gemma 3 pan-and-scan), are measured by collating them f
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -27,6 +28,7 @@ class Measurer:
         self.collator = ChatCollator(processor, family)
         self.image_token_ids = torch.tensor(self.collator.image_token_ids)
         self._replacements: dict[tuple[int, int], str] = {}
+        self._text_kwargs: dict[bool, dict] = {}
         image_processor = getattr(processor, "image_processor", None)
         # Pan-and-scan crops depend on the image content's layout rules, not on a size formula we can call.
         self.sizes_suffice = not getattr(image_processor, "do_pan_and_scan", False)
@@ -39,10 +41,10 @@ class Measurer:
         texts = self._layout(text, len(sizes))
         replacements = [self._replacement(size) for size in sizes]
         texts, offsets = self.processor.get_text_with_replacements(texts, images_replacements=replacements)
-        encoded = self.processor.tokenizer(texts, **self._text_kwargs(text))
-        ids = torch.tensor(encoded["input_ids"][0])
-        mask = _span_mask(torch.tensor(encoded["offset_mapping"][0]).reshape(-1, 2),
-                          _shift_spans(spans, offsets[0]))
+        encoded = self.processor.tokenizer(texts, **self.text_kwargs(text))
+        ids = torch.from_numpy(np.asarray(encoded["input_ids"][0], dtype=np.int64))
+        token_offsets = torch.from_numpy(np.asarray(encoded["offset_mapping"][0], dtype=np.int64).reshape(-1, 2))
+        mask = _span_mask(token_offsets, _shift_spans(spans, offsets[0]))
         mask &= ~torch.isin(ids, self.image_token_ids)
         return len(ids), int(mask.sum())
 
@@ -56,25 +58,40 @@ class Measurer:
         stand_ins = [Image.new("RGB", (1, 1))] * images or None
         return list(self.processor.prepare_inputs_layout(images=stand_ins, text=[text])[1])
 
+    def prepare(self, sizes) -> None:
+        """Work out the image text of many (width, height) sizes in one call (the processor's per-call setup costs
+        more than the formula); `measure` then finds them ready."""
+        self._add_replacements([tuple(size) for size in sizes])
+
     def _replacement(self, size: tuple[int, int]) -> str:
         """The text an image of `size` (width, height) becomes in the prompt; how is the family table's entry."""
         if size not in self._replacements:
-            width, height = size
-            processor, how = self.processor, self.family.image_expansion
-            if how == "count":
-                count = processor._get_num_multimodal_tokens(image_sizes=[(height, width)])["num_image_tokens"][0]
-                text = processor.image_token * int(count)
-            elif how == "tiles":
-                _, rows, cols = processor.image_processor.get_number_of_image_patches(height, width, {})
-                text = processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0)
-            else:  # "fixed": the same text for every image
-                text = processor.replace_image_token({"num_crops": [0]}, 0)
-            self._replacements[size] = text
+            self._add_replacements([size])
         return self._replacements[size]
 
-    def _text_kwargs(self, text: str) -> dict:
-        kwargs = self.processor._merge_kwargs(tokenizer_init_kwargs=self.processor.tokenizer.init_kwargs,
-                                              **self.collator.text_kwargs([text]))["text_kwargs"]
-        for key in ("return_tensors", "padding", "return_text_replacement_offsets", "return_mm_token_type_ids"):
-            kwargs.pop(key, None)
-        return kwargs
+    def _add_replacements(self, sizes: list[tuple[int, int]]) -> None:
+        sizes = list(dict.fromkeys(s for s in sizes if s not in self._replacements))
+        if not sizes:
+            return
+        processor, how = self.processor, self.family.image_expansion
+        if how == "count":
+            counts = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in sizes])["num_image_tokens"]
+            texts = [processor.image_token * int(count) for count in counts]
+        elif how == "tiles":
+            patches = [processor.image_processor.get_number_of_image_patches(h, w, {}) for w, h in sizes]
+            texts = [processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0) for _, rows, cols in patches]
+        else:  # "fixed": the same text for every image
+            texts = [processor.replace_image_token({"num_crops": [0]}, 0)] * len(sizes)
+        self._replacements.update(zip(sizes, texts))
+
+    def text_kwargs(self, text: str) -> dict:
+        """The tokenizer settings the processor would use for `text` (merged once per distinct call)."""
+        call = self.collator.text_kwargs([text])
+        key = call.get("add_special_tokens", True)
+        if key not in self._text_kwargs:
+            kwargs = self.processor._merge_kwargs(tokenizer_init_kwargs=self.processor.tokenizer.init_kwargs,
+                                                  **call)["text_kwargs"]
+            for name in ("return_tensors", "padding", "return_text_replacement_offsets", "return_mm_token_type_ids"):
+                kwargs.pop(name, None)
+            self._text_kwargs[key] = kwargs
+        return self._text_kwargs[key]

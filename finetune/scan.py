@@ -197,10 +197,14 @@ def measure_rows(rows, reader, measurer, verify: str, num_proc: int) -> Measured
 
     def measure(batch: dict) -> dict:
         out: dict[str, list] = {"length": [], "supervised": [], "media": [], "problem": []}
+        read_rows = []
         for values in zip(*batch.values()):
             row = dict(zip(batch.keys(), values))
             row.pop(ROW_ID)
-            sample, problem = read_row(read, row)
+            read_rows.append(read_row(read, row))
+        if verify == "header":
+            measurer.prepare(size for sample, _ in read_rows for size in sample["images"])
+        for sample, problem in read_rows:
             length = supervised = 0
             if not problem:
                 length, supervised = encode(sample)
