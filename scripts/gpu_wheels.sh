@@ -66,8 +66,12 @@ for w in wheels:
     print(f"  {w.stat().st_size / mib:7.2f} MiB  {w.name}")
 total_wheels = sum(w.stat().st_size for w in wheels)
 total = tree + total_wheels
-print(f"wheels {total_wheels / mib:.1f} MiB + working tree {tree / mib:.1f} MiB (data/ {data / mib:.1f} MiB) "
-      f"= {total / mib:.1f} MiB (limit {limit:g} MiB of the 64 MiB that travel)")
+# However it is counted: as bytes, or in 4 KiB disk blocks (the 1,200 small PNGs of data/ then weigh ~5 MiB).
+blocks = sum(-(-os.path.getsize(f) // 4096) * 4096 for f in files + [str(w) for w in wheels])
+print(f"wheels {total_wheels / mib:.1f} MiB + working tree {tree / mib:.1f} MiB (data/ {data / mib:.1f} MiB, "
+      f"{len(files)} files) = {total / mib:.1f} MiB; in 4 KiB disk blocks {blocks / mib:.1f} MiB "
+      f"(limit {limit:g} MiB of the 64 MiB that travel)")
+total = max(total, blocks)
 if total / mib > limit:
     sys.exit(f"gpu_wheels: {total / mib:.1f} MiB is over {limit:g} MiB: it would not travel")
 EOF
