@@ -184,6 +184,7 @@ def build_checkpoint(name: str, spec: dict, folder: Path, device: torch.device) 
     torch.manual_seed(0)
     with torch.device(device):
         model = T.AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.to(device)  # a no-op, unless some part was created outside the device context
     built = time.perf_counter()
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:  # uninitialised memory would make every figure meaningless
@@ -457,6 +458,7 @@ def compare(name: str, args, device: torch.device) -> dict:
     processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": args.max_pixels}
     with tempfile.TemporaryDirectory() as tmp:
         rows = chat_rows(args.samples, args.seed, Path(tmp))
+    import trl.trainer.sft_trainer  # noqa: F401 - imported before the collation clock starts
     collated, collate_s = {}, {}
     for side, make in (("cookbook", lambda: cookbook_batches(rows, copy.deepcopy(processor), args.batch, args.seed)),
                        ("finetune", lambda: finetune_batches(rows, copy.deepcopy(processor), family, args.batch,
@@ -465,9 +467,12 @@ def compare(name: str, args, device: torch.device) -> dict:
         collated[side] = make()
         collate_s[side] = time.perf_counter() - start
     peak = peak_flops(device)
+    marker = path / MARKER
     report = {"model": name, "preset": args.preset, "device": device_name(device), "samples": len(rows),
               "batch": args.batch, "gradient_checkpointing": args.gradient_checkpointing,
-              "max_pixels": args.max_pixels, "peak_flops": peak, "runs": [], "ratios": {}}
+              "max_pixels": args.max_pixels, "peak_flops": peak,
+              "collate_s": {k: round(v, 2) for k, v in collate_s.items()},
+              "checkpoint": json.loads(marker.read_text()) if marker.is_file() else None, "runs": [], "ratios": {}}
     print(f"\n{name}: {len(rows)} chat rows, batch {args.batch}, no accumulation, gradient checkpointing "
           f"{'on' if args.gradient_checkpointing else 'off'} on both sides; one epoch per pipeline\n")
     print("| mode | pipeline | padding | non-padding tokens/s | samples/s | step (s) | peak GPU mem (GiB) | MFU |")

@@ -324,7 +324,9 @@ def render_markdown(r: dict) -> str:
                   f"{bench['samples']} chat rows, one epoch per pipeline, batch {bench['batch']}, no accumulation, "
                   f"gradient checkpointing {'on' if bench['gradient_checkpointing'] else 'off'} (both sides), "
                   f"images up to {bench['max_pixels']} pixels; MFU on non-padding tokens against "
-                  f"{short((bench.get('peak_flops') or 0) / 1e12 or None)} TFLOP/s.", "",
+                  f"{short((bench.get('peak_flops') or 0) / 1e12 or None)} TFLOP/s. Collating before the clock: "
+                  f"{bench.get('collate_s')} s. Random checkpoint: {bench.get('checkpoint') or 'the zoo model'}.",
+                  "",
                   "| mode | pipeline | padding | non-padding tokens/s | samples/s | step (s) | peak GPU mem (GiB) "
                   "| MFU |", "|---|---|---|---|---|---|---|---|"]
         for x in bench["runs"]:
