@@ -276,7 +276,8 @@ def parameter_counts(model, family) -> dict[str, int]:
 def step_flops(counts: dict[str, int], tokens: int, patches: int, config) -> float:
     """Model FLOPs of one LoRA training step (see the docstring)."""
     merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", 1)  # Qwen: 2x2 patches per token
-    return 4 * counts["text"] * tokens + 2 * counts["vision"] * patches + 2 * counts["projector"] * patches // merge ** 2
+    merged = patches // merge ** 2
+    return 4 * counts["text"] * tokens + 2 * counts["vision"] * patches + 2 * counts["projector"] * merged
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -622,7 +623,7 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=list(FULL), choices=list(FULL))
     p.add_argument("--modes", nargs="+", default=["qlora", "lora"], choices=["qlora", "lora"])
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--text-tokens", type=int, default=512, help="synthetic: text tokens per sample, besides the image's")
+    p.add_argument("--text-tokens", type=int, default=512, help="synthetic: text tokens per sample besides the image")
     p.add_argument("--steps", type=int, default=5, help="synthetic: timed steps")
     p.add_argument("--warmup", type=int, default=2, help="synthetic: untimed steps first")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
