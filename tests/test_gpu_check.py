@@ -67,3 +67,29 @@ def test_wheels_unpack_like_pip_where_pip_is_missing(tmp_path):
     gpu_check.unpack(wheel, site)
     assert sorted(str(p.relative_to(site)) for p in site.rglob("*") if p.is_file()) == [
         "demo-1.0.dist-info/METADATA", "demo/__init__.py", "demo_extra.py"]
+
+
+def test_missing_packages_are_installed_from_the_carried_wheels(tmp_path, monkeypatch):
+    """The GPU machine's path: a package the interpreter lacks comes from the wheel folder, onto PYTHONPATH."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "demo_gpu_wheel-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("demo_gpu_wheel/__init__.py", "VALUE = 42\n")
+        z.writestr("demo_gpu_wheel-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: demo-gpu-wheel\n"
+                                                          "Version: 1.0\n")
+        z.writestr("demo_gpu_wheel-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
+                                                       "Root-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("demo_gpu_wheel-1.0.dist-info/RECORD", "demo_gpu_wheel/__init__.py,,\n"
+                                                        "demo_gpu_wheel-1.0.dist-info/METADATA,,\n"
+                                                        "demo_gpu_wheel-1.0.dist-info/WHEEL,,\n"
+                                                        "demo_gpu_wheel-1.0.dist-info/RECORD,,\n")
+    monkeypatch.setattr(gpu_check, "NEEDED", ("demo_gpu_wheel", "json"))
+    check = gpu_check.Check(tmp_path, tmp_path, dry_run=True, budget=60)
+    env = dict(os.environ)
+    info = gpu_check.install(check, sys.executable, wheels, tmp_path / "site", env)
+    assert info["missing_before"] == ["demo_gpu_wheel"] and info["method"] == "pip --target"
+    assert info["status"] == "passed" and info["missing_after"] == []
+    out = subprocess.run([sys.executable, "-c", "import demo_gpu_wheel; print(demo_gpu_wheel.__file__)"],
+                         env=env | {"PYTHONPATH": gpu_check.path_with(tmp_path / "site", env)},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.startswith(str(tmp_path / "site"))
