@@ -61,7 +61,8 @@ class Check:
         self.start = time.monotonic()
         self.deadline = self.start + budget
         self.log_file = (out / "gpu-check.log").open("a", encoding="utf-8")
-        self.results: dict = {"check": {"dry_run": dry_run, "started": now(), "budget_s": budget,
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        self.results: dict = {"check": {"dry_run": dry_run, "started": started, "budget_s": budget,
                                         "python": sys.executable, "host": platform.node()},
                               "steps": {}}
 
