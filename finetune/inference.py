@@ -49,6 +49,8 @@ def load_target(target: str | Path, recipe: Recipe | None = None) -> Target:
         model = load_model(model_path, cfg, QuantizationConfig(), family)
         processor = load_processor(model_path, cfg)
         kind = "merged" if (path / "config.json").is_file() and recipe is not None else "base"
+    if torch.cuda.is_available() and model.device.type == "cpu":
+        model.to("cuda")  # a 16-bit model loads on the CPU (a 4-bit one is placed on the GPU by its device_map)
     model.eval()
     processor.tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
     return Target(model, processor, family, recipe, kind, str(target))

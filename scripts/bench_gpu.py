@@ -1,29 +1,65 @@
-"""LoRA / QLoRA training throughput at real model shapes, with random weights (no download, no network).
+"""LoRA / QLoRA training throughput and memory at real model shapes, with random weights (no download, no network).
 
     python scripts/bench_gpu.py                               # on a GPU: the full-size shapes below
     python scripts/bench_gpu.py --preset tiny                 # anywhere (CPU): zoo-sized models, same code path
     python scripts/bench_gpu.py --models qwen2_5_vl_7b --modes qlora --batch 2 --steps 10
+    python scripts/bench_gpu.py --models qwen2_5_vl_7b --compare           # cookbook vs finetune pipelines
+    python scripts/bench_gpu.py --recipe-memory recipes/qwen2_5-vl-7b-qlora.yaml   # that recipe's peak memory
 
-Each model is built from its published config with random weights, saved as safetensors to a temporary folder
-and loaded back through finetune's own loader (`finetune.modeling.load_model`, so QLoRA quantizes exactly as a
-recipe would), LoRA is placed by the family table on decoder + projector, and a few optimizer steps run on
-synthetic batches laid out as the real processor would (image tokens per image, tiles, patches).
+Each model is built from its published config with random weights (on the GPU, in bf16), saved as safetensors
+(`--checkpoint-dir` keeps the folder for the next call) and loaded back through finetune's own loader
+(`finetune.modeling.load_model`), so QLoRA quantizes exactly as a recipe would. A bf16 LoRA run uses the model
+as built when it is still in memory (the loader would return the same weights; re-reading 16 GB only costs
+time). LoRA takes finetune's defaults (r 16, alpha 32, dropout 0.05 on decoder + projector, placed by the
+family table). Steps run under bf16 autocast on a GPU, as the trainer's `bf16: true` does, with fused AdamW.
 
-Printed per run: tokens/s (all tokens in the batch, image tokens included), peak GPU memory and model FLOPs
-utilisation. FLOPs per step count 2 x params x tokens for each forward matmul, the decoder twice more for the
-backward pass (activation gradients only: its weights are frozen) and the vision encoder once (frozen, and no
-gradient flows into it); attention score FLOPs are left out, so MFU is slightly understated.
+Default: a few optimizer steps on synthetic batches laid out as the real processor would (image tokens per
+image, tiles, patches); tokens/s counts every token.
+
+--compare (Qwen2.5-VL): one epoch over the same chat rows (scripts/bench_train.py's mix: image sizes, image
+counts, turns and answer lengths all vary), twice, on the same model, same micro-batch, no accumulation, same
+gradient-checkpointing setting:
+  cookbook  TRL's default vision collator (`DataCollatorForVisionLanguageModeling`) over a seeded random order:
+            every batch padded to its longest row, as `SFTTrainer` does by default;
+  finetune  finetune's `ChatCollator` in finetune's length-grouped order (its trainer's sampler, fed the lengths
+            the pre-flight scan measures).
+Batches are collated before the clock starts (collation time is reported beside); tokens/s counts non-padding
+tokens. The processor is the zoo Qwen2.5-VL one (real processor classes and chat template, small tokenizer); the
+checkpoint's special-token ids are set to match it.
+
+--recipe-memory RECIPE: the recipe's own settings (quantization, LoRA, batch, max_length, gradient checkpointing,
+optimizer) through finetune's pipeline (`finetune.pipeline.prepare` and its trainer) on rows that fill
+max_length (an 800x600 chart at Qwen2.5-VL's own pixel limits, plus text), for a few steps: peak GPU memory.
+
+MFU: FLOPs per step count 2 x params x tokens for each forward matmul, the decoder twice more for the backward
+pass (activation gradients only: its weights are frozen), the vision tower once per patch and the projector
+once per merged token (frozen tower: no gradient flows into it). Recomputation under gradient checkpointing and
+attention-score FLOPs are left out, so MFU is understated; --compare counts non-padding tokens only (useful
+work). Peak: 790 TFLOP/s bf16 dense on H100 (measured on the borrowed card, 8192^3 matmul) and H200 (same
+compute die); datasheet figures for the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import copy
 import gc
+import itertools
+import json
+import os
+import re
+import shutil
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 # Published shapes (config.json of each hub model); weights are random.
 FULL = {
@@ -64,8 +100,17 @@ FULL = {
 TINY = {"qwen2_5_vl_7b": dict(family="qwen2_5_vl", image_px=56), "smolvlm_2b": dict(family="smolvlm", tiles=5),
         "llama_3_2_11b_vision": dict(family="mllama", tiles=2)}
 
-# Dense bf16 peak (FLOP/s) by device-name substring, for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+# Dense bf16 peak (FLOP/s) by device-name substring, for MFU. H100: measured (see the docstring); H200: the same
+# compute die, so the same figure; the rest: datasheet.
+PEAK_FLOPS = {"H200": 790e12, "H100": 790e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+# Qwen2.5-VL's config keys for the tokens its processor inserts, and those tokens.
+QWEN_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+               "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+# Qwen2.5-VL's own image limits (its preprocessor_config.json): a ChartQA chart keeps its size.
+QWEN_PIXELS = {"min_pixels": 3136, "max_pixels": 12845056}
+MARKER = "bench-checkpoint.json"  # written last: a folder holding it is a complete checkpoint
+GIB = 2 ** 30
 
 
 def synthetic_batch(family: str, config, spec: dict, batch: int, text_tokens: int, device) -> tuple[dict, int]:
@@ -115,86 +160,461 @@ def synthetic_batch(family: str, config, spec: dict, batch: int, text_tokens: in
     return {k: v.to(device) for k, v in out.items()}, n_patches
 
 
-def parameter_counts(model, family) -> tuple[int, int]:
-    """(decoder + lm_head, vision tower + projector) parameters that do matmuls (input embeddings excluded)."""
-    from finetune.families import matches
-
-    embed = model.get_input_embeddings().weight
-    text = vision = 0
-    for name, p in model.named_parameters():
-        if p is embed or "lora_" in name:
-            continue
-        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # 4-bit: two weights per byte
-        if matches(family.vision, name.removeprefix("base_model.model.")) or \
-                matches(family.projector, name.removeprefix("base_model.model.")):
-            vision += n
-        else:
-            text += n
-    return text, vision
+# --- model: build once, load through finetune's loader ------------------------------------------------------------
 
 
-def run_one(name: str, spec: dict, mode: str, args, device) -> dict:
+def build_checkpoint(name: str, spec: dict, folder: Path, device: torch.device) -> tuple[Path, object]:
+    """A random-weight checkpoint at the published shape in `folder` (reused when complete); the bf16 model
+    too when it was built now (else None). Built directly on `device`: no 16 GB of CPU initialisation."""
     import transformers as T
+
+    marker = folder / MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("model") == name:
+        print(f"[bench] reusing the {name} checkpoint in {folder}", flush=True)
+        return folder, None
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    config = spec["config"](T)
+    processor = None
+    if spec["family"] == "qwen2_5_vl":  # --compare and --recipe-memory feed it rows through a real processor
+        processor = zoo_processor(spec["family"])
+        for key, token in QWEN_TOKENS.items():
+            setattr(config, key, processor.tokenizer.convert_tokens_to_ids(token))
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = T.AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.to(device)  # a no-op, unless some part was created outside the device context
+    built = time.perf_counter()
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # uninitialised memory would make every figure meaningless
+        raise RuntimeError(f"{name}: {len(bad)} parameters are not finite after initialisation, e.g. {bad[:3]}")
+    model.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    params = sum(p.numel() for p in model.parameters())
+    info = {"model": name, "params": params, "build_s": round(built - start, 1),
+            "save_s": round(time.perf_counter() - built, 1)}
+    marker.write_text(json.dumps(info))
+    print(f"[bench] built {name} ({params / 1e9:.2f}B parameters) on {device} in {info['build_s']} s, "
+          f"saved to {folder} in {info['save_s']} s", flush=True)
+    return folder, model
+
+
+def zoo_processor(family: str):
+    from transformers import AutoProcessor
+
+    from finetune import zoo
+
+    return AutoProcessor.from_pretrained(zoo.ensure(family, "tiny"))
+
+
+def model_source(name: str, args, device: torch.device) -> tuple[Path, object]:
+    """(checkpoint folder, bf16 model still in memory or None) for a model of the chosen preset."""
+    from finetune import zoo
+
+    if args.preset == "tiny":
+        return Path(zoo.ensure(TINY[name]["family"], "tiny")), None
+    if args.checkpoint_dir:
+        folder = Path(args.checkpoint_dir) / name
+    else:
+        folder = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        atexit.register(shutil.rmtree, folder, True)
+    return build_checkpoint(name, FULL[name], folder, device)
+
+
+def load_for_mode(path: Path, mode: str, built, device: torch.device, gradient_checkpointing: bool):
+    """The model with finetune's default LoRA, as finetune loads it for `mode` (lora: bf16, qlora: NF4)."""
     from peft import get_peft_model
 
     from finetune.modeling import load_family, load_model, plan_lora
     from finetune.recipe import LoraConfig, ModelConfig, QuantizationConfig
-    from finetune import zoo
 
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.preset == "full":
-            torch.manual_seed(0)
-            model = T.AutoModelForImageTextToText.from_config(spec["config"](T), dtype=getattr(torch, dtype))
-            model.save_pretrained(tmp)  # safetensors, like a hub checkpoint
-            del model
-            gc.collect()
-            path = tmp
-        else:
-            path = str(zoo.ensure(spec["family"], "tiny"))
-        model_cfg = ModelConfig(name_or_path=path, dtype=dtype)
-        _, family = load_family(model_cfg)
-        model = load_model(path, model_cfg, QuantizationConfig(load_in_4bit=mode == "qlora"), family)
-    if mode == "lora":
-        model.to(device)
-    plan = plan_lora(model, family, LoraConfig(r=16, alpha=32, dropout=0.0))
-    model = get_peft_model(model, plan.peft_config(LoraConfig(r=16, alpha=32, dropout=0.0)))
-    if args.gradient_checkpointing:
+    cfg = ModelConfig(name_or_path=str(path), dtype="bfloat16" if device.type == "cuda" else "float32")
+    _, family = load_family(cfg)
+    start = time.perf_counter()
+    if mode == "lora" and built is not None:
+        model = built
+    else:
+        model = load_model(str(path), cfg, QuantizationConfig(load_in_4bit=mode == "qlora"), family)
+        if mode == "lora":
+            model.to(device)  # QLoRA is placed on the GPU by the loader's device_map
+    lora = LoraConfig()
+    model = get_peft_model(model, plan_lora(model, family, lora).peft_config(lora))
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
-    config = model.base_model.model.config
-    batch, n_patches = synthetic_batch(spec["family"], config, spec, args.batch, args.text_tokens, device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"[bench] {mode}: model ready in {time.perf_counter() - start:.1f} s", flush=True)
+    return model, family
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- steps and FLOPs ----------------------------------------------------------------------------------------------
+
+
+def parameter_counts(model, family) -> dict[str, int]:
+    """Parameters that do matmuls (input embeddings excluded) per part: text (decoder + lm_head), vision, projector."""
+    from finetune.families import matches
+
+    embed = model.get_input_embeddings().weight
+    counts = {"text": 0, "vision": 0, "projector": 0}
+    for name, p in model.named_parameters():
+        if p is embed or "lora_" in name:
+            continue
+        base = name.removeprefix("base_model.model.")
+        part = "projector" if matches(family.projector, base) else "vision" if matches(family.vision, base) else "text"
+        counts[part] += p.numel() * (2 if p.dtype == torch.uint8 else 1)  # 4-bit: two weights per byte
+    return counts
+
+
+def step_flops(counts: dict[str, int], tokens: int, patches: int, config) -> float:
+    """Model FLOPs of one LoRA training step (see the docstring)."""
+    merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", 1)  # Qwen: 2x2 patches per token
+    merged = patches // merge ** 2
+    return 4 * counts["text"] * tokens + 2 * counts["vision"] * patches + 2 * counts["projector"] * merged
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return next((f for k, f in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+
+
+def optimizer_for(model, device: torch.device):
+    """AdamW over the adapters, fused on a GPU (transformers' default optimizer there)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+
+
+def train_step(model, batch: dict, optimizer, device: torch.device) -> torch.Tensor:
+    """One optimizer step; bf16 autocast on a GPU as the trainer's `bf16: true` (QLoRA keeps the tower in fp32)."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"peak_mem_gib": None, "peak_reserved_gib": None}
+    return {"peak_mem_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2)}
+
+
+def write_json(path: str | None, key: str, value) -> None:
+    """Merge `key` into the JSON file at `path`, atomically (a run cut off mid-write leaves the previous one)."""
+    if not path:
+        return
+    target = Path(path)
+    data = json.loads(target.read_text()) if target.is_file() else {}
+    data[key] = value
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, target)
+
+
+# --- default: synthetic batches -----------------------------------------------------------------------------------
+
+
+def run_one(name: str, mode: str, args, device: torch.device, path: Path, built) -> dict:
+    spec = (FULL if args.preset == "full" else TINY)[name]
+    model, family = load_for_mode(path, mode, built, device, args.gradient_checkpointing)
+    del built
+    config = model.base_model.model.config
+    batch, n_patches = synthetic_batch(spec["family"], config, spec, args.batch, args.text_tokens, device)
+    optimizer = optimizer_for(model, device)
     times = []
     for step in range(args.warmup + args.steps):
-        sync()
+        if step == args.warmup:
+            reset_peak(device)
+        sync(device)
         start = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
+        loss = train_step(model, batch, optimizer, device)
+        sync(device)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     tokens = batch["input_ids"].numel()
-    text_params, vision_params = parameter_counts(model, family)
-    flops = 4 * text_params * tokens + 2 * vision_params * n_patches
-    peak = next((f for k, f in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None) \
-        if device.type == "cuda" else None
-    result = {"model": name, "mode": mode, "params_m": (text_params + vision_params) / 1e6, "tokens": tokens,
-              "step_s": step_s, "tokens_per_s": tokens / step_s, "loss": loss.item(),
-              "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-              "mfu": flops / step_s / peak if peak else None}
+    counts = parameter_counts(model, family)
+    peak = peak_flops(device)
+    result = {"model": name, "mode": mode, "params_m": sum(counts.values()) / 1e6, "tokens": tokens,
+              "step_s": step_s, "tokens_per_s": tokens / step_s, "loss": loss.item(), **peak_gib(device),
+              "mfu": step_flops(counts, tokens, n_patches, config) / step_s / peak if peak else None}
     del model, optimizer, batch
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return result
+
+
+def synthetic(args, device: torch.device) -> int:
+    print("\n| model | mode | params (M) | tokens/step | step (s) | tokens/s | peak GPU mem (GiB) | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    results = []
+    for name in args.models:
+        path, built = model_source(name, args, device)
+        modes = sorted(args.modes, key=lambda m: m != "lora") if built is not None else args.modes
+        for mode in modes:
+            r = run_one(name, mode, args, device, path, built if mode == "lora" else None)
+            built = None  # it carries adapters now (or was never built here): free it before the next load
+            release(device)
+            results.append(r)
+            write_json(args.json, "synthetic", results)
+            mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+            print(f"| {name} | {mode} | {r['params_m']:,.1f} | {r['tokens']} | {r['step_s']:.3f} | "
+                  f"{r['tokens_per_s']:.0f} | {mem} | {mfu} |", flush=True)
+    return 0
+
+
+# --- --compare: the cookbook pipeline vs finetune's ---------------------------------------------------------------
+
+
+def chat_rows(n: int, seed: int, folder: Path) -> list[dict]:
+    """bench_train.py's chat rows (messages + decoded images)."""
+    from bench_train import make_data
+
+    from finetune.images import load_image
+
+    path = make_data(folder, n, seed)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{"messages": r["messages"], "images": [load_image(p, folder) for p in r["images"]]} for r in rows]
+
+
+def cookbook_batches(rows: list[dict], processor, batch: int, seed: int) -> list[dict]:
+    """TRL's default vision collator over a seeded random order: what `SFTTrainer` does out of the box."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    collator = DataCollatorForVisionLanguageModeling(processor)  # max_length None: never cut image tokens
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [collator([copy.deepcopy(rows[i]) for i in order[k:k + batch]]) for k in range(0, len(order), batch)]
+
+
+def finetune_batches(rows: list[dict], processor, family, batch: int, seed: int) -> list[dict]:
+    """finetune's collator in its trainer's length-grouped order, fed the lengths the pre-flight scan records.
+
+    The trainer's sampler sorts mega-batches of 50 batches by length; transformers shrinks them for datasets under
+    200 x batch rows (to one batch, no grouping at all, under 16 x batch), so the mega-batch of a real dataset is
+    asked for explicitly. These rows then form one mega-batch, sorted: sparser in lengths, so more padded, than a
+    real dataset's 200 rows.
+    """
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from finetune.collate import ChatCollator
+
+    collator = ChatCollator(processor, family)
+    lengths = [collator([row])["input_ids"].shape[1] for row in rows]
+    order = get_length_grouped_indices(lengths, batch, mega_batch_mult=50,
+                                       generator=torch.Generator().manual_seed(seed))
+    return [collator([rows[i] for i in order[k:k + batch]]) for k in range(0, len(order), batch)]
+
+
+def timed_epoch(model, batches: list[dict], optimizer, device: torch.device) -> dict:
+    """Every batch once; wall time from the first step to the last synchronised one, and what was trained."""
+    sync(device)
+    reset_peak(device)
+    start = time.perf_counter()
+    losses = [train_step(model, b, optimizer, device) for b in batches]
+    sync(device)
+    seconds = time.perf_counter() - start
+    losses = [float(x) for x in losses]
+    if not all(map(lambda x: x == x and abs(x) != float("inf"), losses)):
+        raise RuntimeError(f"non-finite training loss: {losses}")
+    return {"seconds": seconds, "steps": len(batches), "samples": sum(len(b["input_ids"]) for b in batches),
+            "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+            "padded_tokens": sum(b["attention_mask"].numel() for b in batches),
+            "patches": sum(int(b["pixel_values"].shape[0]) for b in batches),
+            "first_loss": losses[0], "last_loss": losses[-1], **peak_gib(device)}
+
+
+def compare(name: str, args, device: torch.device) -> dict:
+    from finetune.modeling import load_family, load_processor
+    from finetune.recipe import ModelConfig
+
+    spec = (FULL if args.preset == "full" else TINY)[name]
+    if spec["family"] != "qwen2_5_vl":
+        raise SystemExit(f"--compare: {name} is not Qwen2.5-VL (the only family whose processor the random "
+                         "checkpoint can borrow from the zoo)")
+    path, built = model_source(name, args, device)
+    cfg = ModelConfig(name_or_path=str(path))
+    _, family = load_family(cfg)
+    processor = load_processor(str(path), cfg)
+    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": args.max_pixels}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = chat_rows(args.samples, args.seed, Path(tmp))
+    import trl.trainer.sft_trainer  # noqa: F401 - imported before the collation clock starts
+    collated, collate_s = {}, {}
+    for side, make in (("cookbook", lambda: cookbook_batches(rows, copy.deepcopy(processor), args.batch, args.seed)),
+                       ("finetune", lambda: finetune_batches(rows, copy.deepcopy(processor), family, args.batch,
+                                                             args.seed))):
+        start = time.perf_counter()
+        collated[side] = make()
+        collate_s[side] = time.perf_counter() - start
+    peak = peak_flops(device)
+    marker = path / MARKER
+    report = {"model": name, "preset": args.preset, "device": device_name(device), "samples": len(rows),
+              "batch": args.batch, "gradient_checkpointing": args.gradient_checkpointing,
+              "max_pixels": args.max_pixels, "peak_flops": peak,
+              "collate_s": {k: round(v, 2) for k, v in collate_s.items()},
+              "checkpoint": json.loads(marker.read_text()) if marker.is_file() else None, "runs": [], "ratios": {}}
+    print(f"\n{name}: {len(rows)} chat rows, batch {args.batch}, no accumulation, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'} on both sides; one epoch per pipeline\n")
+    print("| mode | pipeline | padding | non-padding tokens/s | samples/s | step (s) | peak GPU mem (GiB) | MFU |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    modes = sorted(args.modes, key=lambda m: m != "lora") if built is not None else args.modes
+    for mode in modes:
+        model, family = load_for_mode(path, mode, built if mode == "lora" else None, device,
+                                      args.gradient_checkpointing)
+        built = None  # carries adapters now (or was never built here)
+        config = model.base_model.model.config
+        counts = parameter_counts(model, family)
+        optimizer = optimizer_for(model, device)
+        for side in ("finetune", "cookbook"):  # warm-up (kernels, allocator), not timed: the longest batch first
+            train_step(model, collated[side][0], optimizer, device)
+        for side in ("cookbook", "finetune"):
+            r = timed_epoch(model, collated[side], optimizer, device)
+            flops = sum(step_flops(counts, int(b["attention_mask"].sum()), int(b["pixel_values"].shape[0]), config)
+                        for b in collated[side])
+            r.update(mode=mode, pipeline=side, collate_s=round(collate_s[side], 2),
+                     padding=round(1 - r["tokens"] / r["padded_tokens"], 3),
+                     tokens_per_s=r["tokens"] / r["seconds"], samples_per_s=r["samples"] / r["seconds"],
+                     step_s=r["seconds"] / r["steps"], mfu=flops / r["seconds"] / peak if peak else None,
+                     params_m=round(sum(counts.values()) / 1e6, 1))
+            report["runs"].append(r)
+            write_json(args.json, "compare", report)
+            mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+            print(f"| {mode} | {side} | {r['padding']:.2f} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | "
+                  f"{r['step_s']:.3f} | {mem} | {mfu} |", flush=True)
+        a, b = report["runs"][-2], report["runs"][-1]
+        report["ratios"][mode] = {"tokens_per_s": round(b["tokens_per_s"] / a["tokens_per_s"], 2),
+                                  "peak_mem": round(b["peak_mem_gib"] / a["peak_mem_gib"], 2)
+                                  if a["peak_mem_gib"] else None}
+        write_json(args.json, "compare", report)
+        print(f"| {mode} | finetune / cookbook | | {report['ratios'][mode]['tokens_per_s']:.2f}x | | | "
+              f"{report['ratios'][mode]['peak_mem'] or '-'}x | |", flush=True)
+        del model, optimizer
+        release(device)
+    return report
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+
+
+# --- --recipe-memory: a recipe's peak GPU memory at its max_length ------------------------------------------------
+
+
+def chart_image(path: Path, size: tuple[int, int] = (800, 600)) -> Path:
+    """A bar chart the size of a ChartQA image."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    for i, color in enumerate(["red", "green", "blue", "orange", "purple"]):
+        x = 60 + i * 140
+        draw.rectangle([x, 550 - 90 * (i + 1), x + 100, 550], fill=color)
+    img.save(path)
+    return path
+
+
+def filled_query(collator, make_row, target: int) -> tuple[str, int]:
+    """A question long enough that the collated row is just under `target` tokens; returns it and its length."""
+    from bench_train import WORDS
+
+    def length(n: int) -> int:
+        return int(collator([make_row(words(n))])["input_ids"].shape[1])
+
+    def words(n: int) -> str:
+        return " ".join(itertools.islice(itertools.cycle(WORDS), n))
+
+    low, high = length(50), length(150)
+    per_word = max((high - low) / 100, 0.1)
+    n = max(1, int(50 + (target - 8 - low) / per_word))
+    for _ in range(6):  # tokenisation is near-linear in words: a few corrections land within the margin
+        got = length(n)
+        if target - 16 <= got <= target:
+            return words(n), got
+        n = max(1, n + int((target - 8 - got) / per_word))
+    raise RuntimeError(f"could not fill a row to {target} tokens (last: {got} with {n} words)")
+
+
+def recipe_memory(args, device: torch.device) -> dict:
+    from finetune.formats import chartqa
+    from finetune.images import load_image
+    from finetune.pipeline import load_processing, prepare
+    from finetune.recipe import load_recipe
+
+    name = "qwen2_5_vl_7b"
+    path, built = model_source(name, args, device)
+    del built  # the pipeline loads its own copy, as a real run does
+    release(device)
+    text = Path(args.recipe_memory).read_text()
+    claim = re.search(r"~\s*(\d+(?:\.\d+)?)\s*GB", text)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        image = chart_image(data / "chart.png")
+        pixels = ", ".join(f"{k}: {v}" for k, v in QWEN_PIXELS.items())
+        overrides = [f"model.name_or_path={path}", f"data.path={data}", "data.format=chartqa", "data.eval_split=",
+                     f"data.image_processor={{{pixels}}}", f"training.output_dir={tmp}/run",
+                     f"training.max_steps={args.recipe_steps}", "training.gradient_accumulation_steps=1",
+                     "training.logging_steps=1", "training.save_strategy='no'", "training.disable_tqdm=true",
+                     "evaluation.enabled=false"]
+        if args.max_length:
+            overrides.append(f"training.max_length={args.max_length}")
+        if device.type != "cuda":  # the dry run: CPU, no bf16 mixed precision
+            overrides += ["model.dtype=float32", "quantization.compute_dtype=float32", "training.bf16=false"]
+        recipe = load_recipe(args.recipe_memory, overrides)
+        t = recipe.training
+        _, _, _, collator = load_processing(recipe)
+
+        def make_row(query: str) -> dict:
+            row = chartqa({"image": str(image), "query": query, "label": ["blue"]}, recipe.data.system_prompt)
+            return {**row, "images": [load_image("chart.png", data)]}
+
+        query, length = filled_query(collator, make_row, t.max_length)
+        rows = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.max_steps
+        (data / "train.jsonl").write_text("".join(
+            json.dumps({"image": "chart.png", "query": query, "label": ["blue"]}) + "\n" for _ in range(rows)))
+        run = prepare(recipe)
+        loaded = torch.cuda.memory_allocated() / GIB if device.type == "cuda" else None
+        reset_peak(device)
+        start = time.perf_counter()
+        result = run.trainer.train()
+        seconds = time.perf_counter() - start
+        losses = [e["loss"] for e in run.trainer.state.log_history if "loss" in e]
+    out = {"recipe": args.recipe_memory, "model": name, "preset": args.preset, "device": device_name(device),
+           "max_length": t.max_length, "batch": t.per_device_train_batch_size,
+           "gradient_checkpointing": t.gradient_checkpointing, "load_in_4bit": recipe.quantization.load_in_4bit,
+           "optim": str(t.optim), "steps": run.trainer.state.global_step, "rows": rows,
+           "sample_tokens": {"min": min(run.train_scan.lengths), "max": max(run.train_scan.lengths)},
+           "calibrated_tokens": length, "train_s": round(seconds, 1), "losses": losses,
+           "train_loss": result.training_loss, "claim_gb": float(claim.group(1)) if claim else None,
+           "weights_gib": round(loaded, 2) if loaded is not None else None, **peak_gib(device)}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        context = (total - free) - torch.cuda.memory_reserved()  # CUDA context and libraries, outside the allocator
+        out["device_total_gib"] = round(total / GIB, 1)
+        out["peak_device_gb"] = round((torch.cuda.max_memory_reserved() + context) / 1e9, 1)  # ~ nvidia-smi at peak
+    return out
 
 
 def main() -> int:
@@ -203,28 +623,37 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=list(FULL), choices=list(FULL))
     p.add_argument("--modes", nargs="+", default=["qlora", "lora"], choices=["qlora", "lora"])
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--text-tokens", type=int, default=512, help="text tokens per sample, besides the image's")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--text-tokens", type=int, default=512, help="synthetic: text tokens per sample besides the image")
+    p.add_argument("--steps", type=int, default=5, help="synthetic: timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="synthetic: untimed steps first")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--compare", action="store_true", help="cookbook vs finetune pipelines on chat rows (Qwen2.5-VL)")
+    p.add_argument("--samples", type=int, default=64, help="--compare: chat rows (one epoch per pipeline)")
+    p.add_argument("--max-pixels", type=int, default=448 * 448, help="--compare: image budget (<= 256 tokens)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe-memory", metavar="RECIPE", help="peak memory of this Qwen2.5-VL-7B recipe's settings")
+    p.add_argument("--recipe-steps", type=int, default=3, help="--recipe-memory: optimizer steps")
+    p.add_argument("--max-length", type=int, help="--recipe-memory: instead of the recipe's training.max_length")
+    p.add_argument("--checkpoint-dir", help="keep (and reuse) the random full-size checkpoints here")
+    p.add_argument("--json", help="write the results to this JSON file, updated after every measurement")
     args = p.parse_args()
     if args.preset == "tiny":
         args.text_tokens = min(args.text_tokens, 64)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    specs = FULL if args.preset == "full" else TINY
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; preset {args.preset}; "
-          f"batch {args.batch} x ({args.text_tokens} text tokens + image); gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}; median of {args.steps} steps after {args.warmup} warm-up")
-    print("\n| model | mode | params (M) | tokens/step | step (s) | tokens/s | peak GPU mem (GiB) | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in args.models:
-        for mode in args.modes:
-            r = run_one(name, specs[name], mode, args, device)
-            mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
-            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-            print(f"| {name} | {mode} | {r['params_m']:,.1f} | {r['tokens']} | {r['step_s']:.3f} | "
-                  f"{r['tokens_per_s']:.0f} | {mem} | {mfu} |", flush=True)
-    return 0
+    print(f"device: {device_name(device)}; preset {args.preset}; batch {args.batch}; gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}", flush=True)
+    if args.recipe_memory:
+        r = recipe_memory(args, device)
+        write_json(args.json, "recipe_memory", r)
+        print(json.dumps(r, indent=2))
+        return 0
+    if args.compare:
+        for name in args.models:
+            compare(name, args, device)
+        return 0
+    print(f"synthetic batches: {args.text_tokens} text tokens + image per sample; median of {args.steps} steps "
+          f"after {args.warmup} warm-up")
+    return synthetic(args, device)
 
 
 if __name__ == "__main__":
