@@ -6,6 +6,7 @@ chat rows by the format's function (finetune.formats), and their images and vide
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,32 +19,34 @@ class DataError(ValueError):
     """A dataset row that cannot become a training sample; the message names the row."""
 
 
-def load_rows(path: str, split: str, max_samples: int | None = None):
-    """A `datasets.Dataset` for a local folder/file or a hub id, without decoding images."""
+def load_rows(path: str, split: str, max_samples: int | None = None, streaming: bool = False):
+    """A `datasets.Dataset` (an `IterableDataset` when streaming) for a local folder/file or a hub id, without
+    decoding images."""
     import datasets
 
     p = Path(path)
+    load_dataset = functools.partial(datasets.load_dataset, streaming=streaming)
     if p.is_file():
         builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(p.suffix)
         if builder is None:
             raise DataError(f"data.path: {p}: unsupported file type '{p.suffix}' (use .json, .jsonl, .parquet, .csv)")
-        ds = datasets.load_dataset(builder, data_files={split: str(p)}, split=split)
+        ds = load_dataset(builder, data_files={split: str(p)}, split=split)
     elif p.is_dir() and any(p.glob(f"{split}.json*")):
         # A folder of `<split>.jsonl` files with images beside them: the layout of the bundled sample data.
         files = sorted(p.glob(f"{split}.json*"))
-        ds = datasets.load_dataset("json", data_files={split: [str(f) for f in files]}, split=split)
+        ds = load_dataset("json", data_files={split: [str(f) for f in files]}, split=split)
     else:
         try:
-            ds = datasets.load_dataset(str(path), split=split)
+            ds = load_dataset(str(path), split=split)
         except ValueError as e:
             raise DataError(f"data.path: cannot load split '{split}' from {path}: {e}") from e
-    for column, feature in ds.features.items():  # keep images as bytes/paths; they are decoded per batch
+    for column, feature in (ds.features or {}).items():  # keep images as bytes/paths; they are decoded per batch
         if isinstance(feature, datasets.Image):
             ds = ds.cast_column(column, datasets.Image(decode=False))
         elif isinstance(getattr(feature, "feature", None), datasets.Image):  # a list of images (the_cauldron)
             ds = ds.cast_column(column, datasets.List(datasets.Image(decode=False)))
     if max_samples is not None:
-        ds = ds.select(range(min(max_samples, len(ds))))
+        ds = ds.take(max_samples) if streaming else ds.select(range(min(max_samples, len(ds))))
     return ds
 
 
@@ -150,10 +153,10 @@ def rename_columns(rows, cfg, split: str):
     if not cfg.columns:
         return rows
     for ours, theirs in cfg.columns.items():
-        if theirs not in rows.column_names:
+        if rows.column_names is not None and theirs not in rows.column_names:
             raise DataError(f"data.columns.{ours}: {cfg.path} split '{split}' has no column '{theirs}' "
                             f"(columns: {', '.join(c for c in rows.column_names if c != ROW_ID)})")
-    clashes = [ours for ours, theirs in cfg.columns.items() if ours in rows.column_names and ours != theirs]
+    clashes = [ours for ours, theirs in cfg.columns.items() if ours in (rows.column_names or ()) and ours != theirs]
     rows = rows.remove_columns(clashes)  # the mapped column replaces a same-named one
     return rows.rename_columns({theirs: ours for ours, theirs in cfg.columns.items() if ours != theirs})
 

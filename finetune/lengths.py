@@ -28,7 +28,6 @@ class Measurer:
         self.collator = ChatCollator(processor, family)
         self.image_token_ids = torch.tensor(self.collator.image_token_ids)
         self._replacements: dict[tuple[int, int], str] = {}
-        self._text_kwargs: dict[bool, dict] = {}
         image_processor = getattr(processor, "image_processor", None)
         # Pan-and-scan crops depend on the image content's layout rules, not on a size formula we can call.
         self.sizes_suffice = not getattr(image_processor, "do_pan_and_scan", False)
@@ -85,13 +84,11 @@ class Measurer:
         self._replacements.update(zip(sizes, texts))
 
     def text_kwargs(self, text: str) -> dict:
-        """The tokenizer settings the processor would use for `text` (merged once per distinct call)."""
-        call = self.collator.text_kwargs([text])
-        key = call.get("add_special_tokens", True)
-        if key not in self._text_kwargs:
-            kwargs = self.processor._merge_kwargs(tokenizer_init_kwargs=self.processor.tokenizer.init_kwargs,
-                                                  **call)["text_kwargs"]
-            for name in ("return_tensors", "padding", "return_text_replacement_offsets", "return_mm_token_type_ids"):
-                kwargs.pop(name, None)
-            self._text_kwargs[key] = kwargs
-        return self._text_kwargs[key]
+        """The collator's tokenizer settings for `text`, less what only shapes the output (padding, tensors).
+
+        The processors' own text defaults (padding off, token-type ids) do not change which tokens come out, so they
+        are not merged in: `_merge_kwargs` is private and changed signature between transformers 5.17 and 5.24.
+        """
+        kwargs = self.collator.text_kwargs([text])
+        kwargs.pop("return_text_replacement_offsets", None)
+        return kwargs

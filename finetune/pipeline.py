@@ -53,7 +53,7 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
     if resume:
         log(f"resuming from {resume} (step {step_of(resume)})" if CHECKPOINT.match(resume.name)
             else f"resuming from {resume}")
-    run = prepare(recipe)
+    run = prepare(recipe, resume_step=trained_steps(resume) if resume else 0)
     result = run.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if run.trainer.interrupt.interrupted_at is not None:
         where = newest_complete(out)
@@ -75,8 +75,9 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
     return out
 
 
-def prepare(recipe: Recipe) -> Run:
-    """Load processor, data (scanned), model and adapters, and build the SFTTrainer."""
+def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
+    """Load processor, data (scanned), model and adapters, and build the SFTTrainer. `resume_step`: the step of
+    the checkpoint a run resumes from (a stream continues from the batch after it)."""
     # Processor first: it is cheap, and the data scan needs it before any weights are read.
     model_path, family, processor, collator = load_processing(recipe)
     args = recipe.sft_config(**_runtime_overrides(recipe))
@@ -84,12 +85,21 @@ def prepare(recipe: Recipe) -> Run:
     # up the process group first: without it the ranks do not know of each other yet and would all scan.
     args.device  # noqa: B018
     with args.main_process_first(local=True, desc="pre-flight scan"):
-        train_data, train_scan = scanned(recipe, recipe.data.train_split, family, collator)
+        if recipe.data.streaming:
+            from .streaming import streamed
+
+            train_dataset, train_scan, train_data = streamed(recipe, family, collator, Measurer(processor, family),
+                                                             resume_step)
+        else:
+            train_data, train_scan = scanned(recipe, recipe.data.train_split, family, collator)
+            train_data = train_dataset = train_data.select(train_scan.kept)
         eval_data = eval_scan = None
         if recipe.data.eval_split:
             eval_data, eval_scan = scanned(recipe, recipe.data.eval_split, family, collator)
             eval_data = eval_data.select(eval_scan.kept)
-    log(f"train data: {train_scan.describe()}")
+    stream = f"first {train_scan.rows} rows of the stream (the rest is checked as it is read): " \
+        if recipe.data.streaming else ""
+    log(f"train data: {stream}{train_scan.describe()}")
     if eval_scan is not None:
         log(f"eval data: {eval_scan.describe()}")
 
@@ -102,10 +112,10 @@ def prepare(recipe: Recipe) -> Run:
 
     trainer = Trainer(
         model=model,
-        lengths=train_scan.lengths,
+        lengths=None if recipe.data.streaming else train_scan.lengths,
         health=HealthMonitor(recipe.guards.on_nonfinite, recipe.guards.grad_norm_spike),
         args=args,
-        train_dataset=train_data.select(train_scan.kept),
+        train_dataset=train_dataset,
         eval_dataset=eval_data,
         data_collator=collator,
         processing_class=processor,
@@ -113,8 +123,7 @@ def prepare(recipe: Recipe) -> Run:
     )
     trainable = trainable_by_group(trainer.model, family)
     log("trainable parameters: " + ", ".join(f"{g} {n:,}" for g, n in trainable.items() if n))
-    run = Run(recipe, family, processor, trainer, lora, train_scan, eval_scan,
-              train_data.select(train_scan.kept), eval_data)
+    run = Run(recipe, family, processor, trainer, lora, train_scan, eval_scan, train_data, eval_data)
     if recipe.evaluation.every_n_steps:
         from .evaluation import during_training
 
@@ -207,11 +216,21 @@ def _runtime_overrides(recipe: Recipe) -> dict:
     """Settings that depend on how the run was launched, not on the recipe."""
     import torch
 
+    overrides = {}
     # Under torchrun/accelerate on a machine without CUDA, transformers only joins the process group (gloo) when
     # use_cpu is set; without it every process silently trains alone and they all write the same folder.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not recipe.training.use_cpu:
-        return {"use_cpu": True}
-    return {}
+        overrides["use_cpu"] = True
+    if recipe.data.streaming:  # the stream skips what a resumed run trained (finetune.streaming), without decoding
+        overrides["ignore_data_skip"] = True
+    return overrides
+
+
+def trained_steps(checkpoint: Path) -> int:
+    """The global step a checkpoint was saved at (its trainer_state.json)."""
+    import json
+
+    return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
 
 
 def _claim_output_dir(out: Path, overwrite: bool, resuming: bool = False) -> None:

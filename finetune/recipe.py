@@ -93,6 +93,13 @@ class DataConfig:
     verify_images: Literal["header", "decode"] = "header"
     #: Processes for the pre-flight scan; None = the CPU cores available to this process.
     num_proc: int | None = None
+    #: Train from a stream (`datasets` streaming: hub id or local files) without listing it first; rows are
+    #: checked as they arrive (same drop reasons, counted). Needs `training.max_steps`. Train split only.
+    streaming: bool = False
+    #: Streaming: rows of the stream's start that the pre-flight report scans, for your information.
+    preview_rows: int = 1000
+    #: Streaming: rows shuffled together and grouped into batches of similar length.
+    shuffle_buffer: int = 2000
 
     def validate(self) -> None:
         from .formats import COLUMNS, FORMATS
@@ -106,7 +113,8 @@ class DataConfig:
                 raise RecipeError(f"data.columns.{ours}: expected a dataset column name, got {theirs!r}")
         if self.expand_captions and self.format != "caption":
             raise RecipeError(f"data.expand_captions: only for data.format caption, not {self.format}")
-        for key in ("max_pixels", "pixel_limit", "video_frames", "video_fps", "num_proc"):
+        for key in ("max_pixels", "pixel_limit", "video_frames", "video_fps", "num_proc", "preview_rows",
+                    "shuffle_buffer"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise RecipeError(f"data.{key}: must be > 0, got {value}")
@@ -480,6 +488,8 @@ def _validate_combinations(r: Recipe) -> None:
     if r.lora.target_modules is None and r.quantization.load_in_4bit and r.training.fp16 and r.quantization.compute_dtype == "bfloat16":
         raise RecipeError("quantization.compute_dtype: bfloat16 compute with training.fp16=true mixes precisions; "
                           "use compute_dtype float16 or training.bf16")
+    if r.data.streaming and (r.training.max_steps is None or r.training.max_steps <= 0):
+        raise RecipeError("data.streaming: a stream has no known length; set training.max_steps")
     if r.evaluation.every_n_steps and not r.data.eval_split:
         raise RecipeError("evaluation.every_n_steps: evaluation needs data.eval_split")
     if r.data.eval_split is None and r.training.eval_strategy not in ("no", None):

@@ -127,7 +127,8 @@ def refuse_or_report(report: ScanReport, max_length: int | None, on_too_long: st
 SCAN_VERSION = "1"
 SELF_CHECK_ROWS = 8
 #: Data settings that decide what happens to measured rows, or where rows come from, but not how they measure.
-DECISIONS = ("on_too_long", "on_bad_image", "num_proc", "train_split", "eval_split")
+DECISIONS = ("on_too_long", "on_bad_image", "num_proc", "train_split", "eval_split", "streaming", "preview_rows",
+             "shuffle_buffer")
 
 
 @dataclass
@@ -189,30 +190,12 @@ def scan_rows(rows, reader, measurer, max_length: int | None, on_too_long: str =
 
 
 def measure_rows(rows, reader, measurer, verify: str, num_proc: int) -> Measured:
-    """Every row measured, in `num_proc` processes."""
-    from .data import ROW_ID, read_row
-
-    # header: sizes from file headers, lengths from the processor's formulas; decode: the collator itself.
-    read, encode = (reader.sized, measurer.measure) if verify == "header" else (reader.decoded, measurer.collated)
+    """Every row of a `datasets.Dataset` measured, in `num_proc` processes."""
+    from .data import ROW_ID
 
     def measure(batch: dict) -> dict:
-        out: dict[str, list] = {"length": [], "supervised": [], "media": [], "problem": []}
-        read_rows = []
-        for values in zip(*batch.values()):
-            row = dict(zip(batch.keys(), values))
-            row.pop(ROW_ID)
-            read_rows.append(read_row(read, row))
-        if verify == "header":
-            measurer.prepare(size for sample, _ in read_rows for size in sample["images"])
-        for sample, problem in read_rows:
-            length = supervised = 0
-            if not problem:
-                length, supervised = encode(sample)
-            out["length"].append(length)
-            out["supervised"].append(supervised)
-            out["media"].append(len(sample["images"]) + len(sample["videos"]))
-            out["problem"].append(problem or "")
-        return out
+        samples = [dict(zip(batch.keys(), values)) for values in zip(*batch.values())]
+        return measure_batch(samples, reader, measurer, verify)
 
     result = rows.map(measure, batched=True, batch_size=200, num_proc=num_proc if num_proc > 1 else None,
                       remove_columns=[c for c in rows.column_names if c != ROW_ID], keep_in_memory=True,
@@ -222,6 +205,39 @@ def measure_rows(rows, reader, measurer, verify: str, num_proc: int) -> Measured
     column = lambda name, dtype: table.column(name).to_numpy().astype(dtype)  # noqa: E731
     return Measured(column(ROW_ID, np.int64), column("length", np.int32), column("supervised", np.int32),
                     column("media", np.int16), table.column("problem").to_pylist())
+
+
+def measure_list(rows: list[dict], reader, measurer, verify: str = "header") -> Measured:
+    """Rows already in memory (each with its `row_id`), measured in this process."""
+    from .data import ROW_ID
+
+    out = measure_batch([dict(row) for row in rows], reader, measurer, verify)
+    return Measured(np.array([row[ROW_ID] for row in rows], dtype=np.int64), np.array(out["length"], np.int32),
+                    np.array(out["supervised"], np.int32), np.array(out["media"], np.int16), out["problem"])
+
+
+def measure_batch(rows: list[dict], reader, measurer, verify: str) -> dict[str, list]:
+    """Tokens, supervised tokens, media count and problem ("" if none) of each source row."""
+    from .data import ROW_ID, read_row
+
+    # header: sizes from file headers, lengths from the processor's formulas; decode: the collator itself.
+    read, encode = (reader.sized, measurer.measure) if verify == "header" else (reader.decoded, measurer.collated)
+    read_rows = []
+    for row in rows:
+        row.pop(ROW_ID, None)
+        read_rows.append(read_row(read, row))
+    if verify == "header":
+        measurer.prepare(size for sample, _ in read_rows for size in sample["images"])
+    out: dict[str, list] = {"length": [], "supervised": [], "media": [], "problem": []}
+    for sample, problem in read_rows:
+        length = supervised = 0
+        if not problem:
+            length, supervised = encode(sample)
+        out["length"].append(length)
+        out["supervised"].append(supervised)
+        out["media"].append(len(sample["images"]) + len(sample["videos"]))
+        out["problem"].append(problem or "")
+    return out
 
 
 def self_check(rows, reader, measurer, measured: Measured) -> bool:

@@ -24,6 +24,15 @@ class Trainer(SFTTrainer):
     """
 
     def __init__(self, *args, lengths: list[int] | None = None, health: HealthMonitor | None = None, **kwargs):
+        from .streaming import StreamingRows
+
+        stream = kwargs.get("train_dataset")
+        if isinstance(stream, StreamingRows):
+            # TRL accepts only `datasets` datasets and peeks at one sample (to see images); the stream is not one,
+            # and peeking would read it. It is put in place once TRL is set up (get_train_dataloader serves it).
+            import datasets
+
+            kwargs["train_dataset"] = datasets.Dataset.from_dict({"images": [[]], "messages": [[]]})
         self.lengths = lengths
         self.health = health or HealthMonitor("stop", None)
         self.interrupt = SaveOnInterrupt()
@@ -33,6 +42,8 @@ class Trainer(SFTTrainer):
         self._skip_batch = False
         self._staging: Path | None = None
         super().__init__(*args, **kwargs)
+        if isinstance(stream, StreamingRows):
+            self.train_dataset = stream
         self.add_callback(self.interrupt)
 
     # --- counting and guarding every batch ---------------------------------------------------------------------
@@ -168,6 +179,23 @@ class Trainer(SFTTrainer):
         return {"samples": samples, "tokens": tokens, "samples_per_second": round(samples / seconds, 3),
                 "tokens_per_second": round(tokens / seconds, 1),
                 "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0}
+
+    def get_train_dataloader(self):
+        from .streaming import StreamingRows
+
+        if not isinstance(self.train_dataset, StreamingRows):
+            return super().get_train_dataloader()
+        # The stream is split across ranks and batched by finetune.streaming itself: accelerate must not shard
+        # it again (it would read every row on every rank and keep every world_size-th batch).
+        args = self.args
+        return torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=None, collate_fn=self.train_dataset.collate,
+            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
+            persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
+            prefetch_factor=args.dataloader_prefetch_factor if args.dataloader_num_workers > 0 else None,
+            # Its own generator: a new iterator must not draw from the global RNG, or a resumed run (which restores
+            # that RNG before creating the iterator) would continue with other dropout masks.
+            generator=torch.Generator().manual_seed(args.seed))
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length" or self.lengths is None:
