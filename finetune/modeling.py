@@ -168,6 +168,10 @@ def plan_lora(model, family: Family, cfg: LoraConfig) -> LoraPlan:
     for group in cfg.targets:
         names = [n for n in linear if group_of(n, family) == group]
         if group == "projector" and family.projector_parameters:
+            if cfg.dropout:
+                raise RecipeError(
+                    f"lora.dropout: {family.name}'s projector is a raw weight, which peft adapts (target_parameters) "
+                    f"only without dropout; set lora.dropout: 0, or leave projector out of lora.targets")
             parameters = list(family.projector_parameters)
         elif not names:
             raise RecipeError(f"lora.targets: '{group}' matches no Linear module of this {family.name} model")
