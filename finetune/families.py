@@ -137,7 +137,9 @@ FAMILIES: dict[str, Family] = {
         # The hub template writes "Today Date: <today>" into a system preamble; pinned to the template's own
         # fallback date so a run renders the same prompt in training, evaluation and inference on any day.
         template_kwargs=(("date_string", "26 Jul 2024"),),
-        notes="Cross-attention model: <|image|> stays one token; the projector is itself a Linear.",
+        notes="Cross-attention model: <|image|> stays one token; the projector is itself a Linear. In a batch with "
+              "images, transformers' cross-attention still adds attention over the batch's vision tokens to text "
+              "that attends to no image (only the MLP is masked; Meta's reference masks both).",
     ),
 }
 
