@@ -60,3 +60,11 @@ def test_paligemma_template_goes_with_the_run_the_export_and_the_push(runs, monk
     adapter, merged = hub.commits
     assert adapter["files"]["chat_template.jinja"].decode() == PALIGEMMA_TEMPLATE
     assert merged["files"]["chat_template.jinja"].decode() == PALIGEMMA_TEMPLATE
+
+
+def test_llava15_predict_stops_at_the_eos_its_template_does_not_write():
+    """llava-hf's LLaVA-1.5 template ends a reply with a space; finetune trains the EOS after each reply and stops
+    generation there (the base model here: a replica of the checkpoint)."""
+    result = check_real_recipes.forced_stop("zoo:" + str(ROOT / "tests/fixtures/hub/llava-hf__llava-1.5-7b-hf"),
+                                            ROOT / "data/chartqa-tiny/images/test-0000.png")
+    assert result["end_token"] == "</s>" and result["stopped_at_end_token"], result
