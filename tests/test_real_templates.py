@@ -196,6 +196,12 @@ def test_conformance(name, shape, replica):
     assert report.lengths == together["attention_mask"].sum(1).tolist()
     assert (together["labels"][together["attention_mask"] == 0] == IGNORE_INDEX).all()
     assert report.lengths[0] == len(ids)
+    # ... in either order (text-only rows beside image rows), with the labels the row has alone
+    swapped = collator(rows[::-1])
+    assert swapped["attention_mask"].sum(1).tolist() == report.lengths[::-1]
+    for i, j in ((0, 1), (1, 0)):
+        n = report.lengths[i]
+        assert together["labels"][i][:n].tolist() == swapped["labels"][j][:n].tolist()
 
 
 @pytest.mark.parametrize("name", list(TABLE))
