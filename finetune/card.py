@@ -36,7 +36,10 @@ def family_key(folder: Path, recipe, summary: dict) -> str | None:
     if config.is_file():
         return json.loads(config.read_text(encoding="utf-8")).get("model_type")
     if recipe.model.name_or_path.startswith("zoo:"):
-        return recipe.model.name_or_path.split(":")[1]
+        from .zoo import HubFiles, parse_name
+
+        family, folder, _ = parse_name(recipe.model.name_or_path)
+        return family or HubFiles(folder).family
     return next((k for k, f in FAMILIES.items() if f.name == summary.get("family")), None)
 
 
@@ -186,9 +189,11 @@ def _merge_section(parity: dict, qlora: bool) -> str:
 
 def _quick_start(kind: str, repo: str, base: str | None, recipe, family: str | None, system: str | None) -> str:
     if recipe.model.name_or_path.startswith("zoo:"):
-        _, zoo_family, *preset = recipe.model.name_or_path.split(":")
-        base_line = (f"from finetune import zoo\nbase_id = zoo.ensure({zoo_family!r}, {(preset or ['tiny'])[0]!r})"
-                     "  # the tiny local base model")
+        from .zoo import parse_name
+
+        zoo_family, folder, preset = parse_name(recipe.model.name_or_path)
+        call = f"zoo.ensure({zoo_family!r}, {preset!r})" if folder is None else f"zoo.ensure_like({str(folder)!r}, {preset!r})"
+        base_line = f"from finetune import zoo\nbase_id = {call}  # the tiny local base model"
     else:
         base_line = f"base_id = {(base or '<the base model this adapter was trained on>')!r}"
     messages = []
@@ -216,7 +221,9 @@ def _quick_start(kind: str, repo: str, base: str | None, recipe, family: str | N
             'image = Image.open("image.png").convert("RGB")\n'
             "messages = [\n" + "\n".join(messages) + "\n]\n"
             "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,\n"
-            '                                       return_dict=True, return_tensors="pt").to(model.device)\n'
+            + "".join(f"                                       {k}={v!r},  # as in training\n"
+                      for k, v in (FAMILIES[family].template_kwargs if family in FAMILIES else ()))
+            + '                                       return_dict=True, return_tensors="pt").to(model.device)\n'
             "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)\n"
             'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n')
     note = ("Image + text inference with the processor saved here (same chat template and image resolution as "

@@ -64,7 +64,8 @@ def merge(run_dir: str | Path, out: str | Path | None = None, dtype: str | None 
     out = Path(out) if out is not None else run_dir / "merged"
 
     base_path, family = load_family(recipe.model)
-    processor = load_processor(str(run_dir), recipe.model)  # the run's copy: the template and image settings trained
+    # The run's copy: the template and image settings trained (a model.chat_template file is already in it).
+    processor = load_processor(str(run_dir), dataclasses.replace(recipe.model, chat_template=None), family=family)
     rows = parity_rows(recipe, samples) if parity else []
     _claim(out, run_dir, overwrite)  # only once the data for the check is known to be there
     warnings = serving_warnings(run_dir, family)

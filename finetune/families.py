@@ -39,12 +39,40 @@ class Family:
     image_expansion: str = "count"
     #: The processor takes `videos=` and the template renders `{"type": "video"}`; otherwise videos become frames.
     video_input: bool = False
+    #: finetune's chat template for checkpoints that ship none (PaliGemma); saved with every run and export.
+    default_chat_template: str | None = None
+    #: Variables every rendering passes to the chat template, so training and inference render the same text (a
+    #: template that reads today's date otherwise changes its prompt from day to day).
+    template_kwargs: tuple[tuple[str, str], ...] = ()
+    #: The image processor mishandles rows without images (transformers' MllamaImageProcessor fails when the first
+    #: row has none and drops them from `aspect_ratio_ids`): such batches are encoded with their image rows first,
+    #: padded as a missing image is padded, and put back in order (all its outputs are batch-first).
+    image_rows_first: bool = False
     notes: str = ""
 
     def quantization_skip(self) -> list[str]:
         """Modules bitsandbytes must keep in full precision: vision tower, projector and the LM head."""
         return [self.vision, self.projector, "lm_head"]
 
+
+# PaliGemma checkpoints ship no chat template: they are prompted "<image>...<bos>{prefix}\n" and answer
+# "{suffix}<eos>". finetune's template keeps that layout: every image first (the processor puts <bos> after the last
+# <image>), then each turn's text; a prompt turn is followed by "\n" and a reply by "<eos>". There is no "\n" after
+# the final prompt turn and nothing for add_generation_prompt: the processor appends the "\n" that separates prompt
+# from answer. Content may be a string or a list of {"type": "image"} / {"type": "text"} parts.
+PALIGEMMA_TEMPLATE = (
+    "{%- for message in messages if message['content'] is not string -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>' }}{%- endfor -%}"
+    "{%- endfor -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ '<eos>' }}"
+    "{%- elif message['role'] in ('system', 'user') -%}{%- if not loop.last -%}{{ '\n' }}{%- endif -%}"
+    "{%- else -%}{{ raise_exception('Unsupported role: ' + message['role']) }}{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 _LLAVA_IMAGE = r"<image>"
 _QWEN_IMAGE = r"<\|(?:image_pad|video_pad|vision_start|vision_end)\|>"
@@ -96,8 +124,9 @@ FAMILIES: dict[str, Family] = {
         name="PaliGemma / PaliGemma 2",
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
         image_tokens=r"<image>", end_of_turn="<eos>", prefix_lm=True, processor_adds_bos_and_newline=True,
-        image_expansion="fixed",
-        notes="Not a chat model: the prefix (image + prompt) attends bidirectionally, answers causally.",
+        image_expansion="fixed", default_chat_template=PALIGEMMA_TEMPLATE,
+        notes="Not a chat model: the prefix (image + prompt) attends bidirectionally, answers causally. The hub "
+              "checkpoints have no chat template; finetune's (PALIGEMMA_TEMPLATE) is used and saved with the run.",
     ),
     "gemma3": Family(
         name="Gemma 3",
@@ -109,8 +138,13 @@ FAMILIES: dict[str, Family] = {
     "mllama": Family(
         name="Llama 3.2 Vision (Mllama)",
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_model",
-        image_tokens=r"<\|image\|>", end_of_turn="<|eot_id|>", image_expansion="fixed",
-        notes="Cross-attention model: <|image|> stays one token; the projector is itself a Linear.",
+        image_tokens=r"<\|image\|>", end_of_turn="<|eot_id|>", image_rows_first=True, image_expansion="fixed",
+        # The hub template writes "Today Date: <today>" into a system preamble; pinned to the template's own
+        # fallback date so a run renders the same prompt in training, evaluation and inference on any day.
+        template_kwargs=(("date_string", "26 Jul 2024"),),
+        notes="Cross-attention model: <|image|> stays one token; the projector is itself a Linear. In a batch with "
+              "images, transformers' cross-attention still adds attention over the batch's vision tokens to text "
+              "that attends to no image (only the MLP is masked; Meta's reference masks both).",
     ),
 }
 

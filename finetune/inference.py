@@ -6,11 +6,13 @@ in the run folder, and the recipe saved beside it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .collate import encode, render
 from .families import Family
 from .modeling import load_family, load_model, load_processor, resolve_model_path
 from .recipe import ModelConfig, QuantizationConfig, Recipe, load_recipe
@@ -41,13 +43,15 @@ def load_target(target: str | Path, recipe: Recipe | None = None) -> Target:
         base_path, family = load_family(recipe.model)
         base = load_model(base_path, recipe.model, recipe.quantization, family)
         model = PeftModel.from_pretrained(base, str(path))
-        processor = load_processor(str(path), recipe.model)  # saved by the run: same template and image settings
+        # Saved by the run: the template and image settings it trained with (a model.chat_template file is
+        # already in it, and need not exist here any more).
+        processor = load_processor(str(path), dataclasses.replace(recipe.model, chat_template=None), family=family)
         kind = "adapter"
     else:
         cfg = ModelConfig(name_or_path=str(target), dtype="float32" if not torch.cuda.is_available() else "auto")
         model_path, family = load_family(cfg)
         model = load_model(model_path, cfg, QuantizationConfig(), family)
-        processor = load_processor(model_path, cfg)
+        processor = load_processor(model_path, cfg, family=family)
         kind = "merged" if (path / "config.json").is_file() and recipe is not None else "base"
     if torch.cuda.is_available() and model.device.type == "cpu":
         model.to("cuda")  # a 16-bit model loads on the CPU (a 4-bit one is placed on the GPU by its device_map)
@@ -69,19 +73,30 @@ def prompt_messages(messages: list[dict]) -> list[dict]:
     return messages[:end]
 
 
+def stop_token_ids(model, processor, family: Family) -> list[int]:
+    """Where generation stops: the checkpoint's own EOS ids, the tokenizer's EOS (the token finetune appends to
+    replies of templates without an end-of-turn) and the family's end-of-turn, which is what training labelled."""
+    configured = model.generation_config.eos_token_id
+    ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    tokenizer = processor.tokenizer
+    vocab = tokenizer.get_vocab()
+    ids += [tokenizer.eos_token_id, vocab.get(family.end_of_turn)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def prompt_batch(processor, family: Family, conversations: list[list[dict]], images: list[list]):
+    """Prompts (each conversation ends with a user turn) rendered and tokenised exactly as training renders them."""
+    texts = [render(processor, m, family, generation_prompt=True) for m in conversations]
+    return encode(processor, family, texts, [list(i) for i in images])
+
+
 @torch.no_grad()
 def generate(target: Target, conversations: list[list[dict]], images: list[list], max_new_tokens: int = 32) -> list[str]:
     """Greedy answers, one per conversation (each ends with a user turn), in one left-padded batch."""
     processor = target.processor
-    texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
-    kwargs = dict(padding=True, return_tensors="pt")
-    bos = processor.tokenizer.bos_token
-    if bos and all(t.startswith(bos) for t in texts):
-        kwargs["add_special_tokens"] = False
-    batch = processor(text=texts, images=images if any(images) else None, **kwargs)
-    batch.pop("labels", None)
-    batch = batch.to(target.model.device)
+    batch = prompt_batch(processor, target.family, conversations, images).to(target.model.device)
     prompt_length = batch["input_ids"].shape[1]
     output = target.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=stop_token_ids(target.model, processor, target.family),
                                    pad_token_id=processor.tokenizer.pad_token_id)
     return [text.strip() for text in processor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)]

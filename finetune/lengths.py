@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .collate import IGNORE_INDEX, ChatCollator, _shift_spans, _span_mask, render_with_spans
+from .collate import IGNORE_INDEX, ChatCollator, _shift_spans, _span_mask, render_with_spans, tokenizer_kwargs
 
 
 class Measurer:
@@ -84,11 +84,9 @@ class Measurer:
         self._replacements.update(zip(sizes, texts))
 
     def text_kwargs(self, text: str) -> dict:
-        """The collator's tokenizer settings for `text`, less what only shapes the output (padding, tensors).
+        """The collator's tokenizer settings for `text`, with character offsets.
 
         The processors' own text defaults (padding off, token-type ids) do not change which tokens come out, so they
         are not merged in: `_merge_kwargs` is private and changed signature between transformers 5.17 and 5.24.
         """
-        kwargs = self.collator.text_kwargs([text])
-        kwargs.pop("return_text_replacement_offsets", None)
-        return kwargs
+        return {"return_offsets_mapping": True, **tokenizer_kwargs(self.processor, [text])}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -14,13 +15,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`zoo:<family>[:<preset>]` builds (once, cached) a tiny local checkpoint; anything else is passed through."""
+    """`zoo:<family>[:<preset>]` or `zoo:<folder of hub files>[:<preset>]` builds (once, cached) a tiny local
+    checkpoint; anything else is passed through."""
     if not name_or_path.startswith("zoo:"):
         return name_or_path
     from . import zoo
 
-    _, family, *preset = name_or_path.split(":")
-    return str(zoo.ensure(family, *preset))
+    return str(zoo.resolve(name_or_path))
 
 
 def load_family(cfg: ModelConfig) -> tuple[str, Family]:
@@ -35,11 +36,13 @@ def load_family(cfg: ModelConfig) -> tuple[str, Family]:
 PIXEL_LIMITS = {"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}
 
 
-def load_processor(path: str, cfg: ModelConfig, image_settings: dict | None = None):
-    """The model's processor, with `data.image_processor` settings applied (saved with it, so inference agrees)."""
+def load_processor(path: str, cfg: ModelConfig, image_settings: dict | None = None, family: Family | None = None):
+    """The model's processor, with `data.image_processor` settings applied (saved with it, so inference agrees),
+    and the chat template training and inference render with (see `choose_chat_template`)."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    choose_chat_template(processor, cfg, family)
     image_processor = getattr(processor, "image_processor", None)
     for key, value in (image_settings or {}).items():
         size, edge = getattr(image_processor, "size", None), PIXEL_LIMITS.get(key)
@@ -57,6 +60,26 @@ def load_processor(path: str, cfg: ModelConfig, image_settings: dict | None = No
                               f"{type(image_processor).__name__} (it has: {', '.join(known)})")
         setattr(image_processor, key, value)
     return processor
+
+
+def choose_chat_template(processor, cfg: ModelConfig, family: Family | None) -> None:
+    """`model.chat_template` (a file) if set; else the checkpoint's own; else the family's documented default
+    (PaliGemma ships none). The choice is stored on the processor, which every run saves next to its adapter."""
+    if cfg.chat_template is not None:
+        path = Path(cfg.chat_template).expanduser()
+        if not path.is_file():
+            raise RecipeError(f"model.chat_template: {path}: file not found")
+        processor.chat_template = path.read_text(encoding="utf-8")
+    elif not getattr(processor, "chat_template", None):
+        if family is not None and family.default_chat_template:
+            processor.chat_template = family.default_chat_template
+        else:
+            name = family.name if family is not None else type(processor).__name__
+            raise RecipeError(
+                f"model.chat_template: {cfg.name_or_path} has no chat template and finetune has no default one for "
+                f"{name}; write the prompt format as a Jinja template file and set model.chat_template to its path")
+    # The tokenizer keeps its own copy; one template for both, so no code path can render with another.
+    processor.tokenizer.chat_template = processor.chat_template
 
 
 def compute_dtype(name: str) -> torch.dtype:
@@ -145,6 +168,10 @@ def plan_lora(model, family: Family, cfg: LoraConfig) -> LoraPlan:
     for group in cfg.targets:
         names = [n for n in linear if group_of(n, family) == group]
         if group == "projector" and family.projector_parameters:
+            if cfg.dropout:
+                raise RecipeError(
+                    f"lora.dropout: {family.name}'s projector is a raw weight, which peft adapts (target_parameters) "
+                    f"only without dropout; set lora.dropout: 0, or leave projector out of lora.targets")
             parameters = list(family.projector_parameters)
         elif not names:
             raise RecipeError(f"lora.targets: '{group}' matches no Linear module of this {family.name} model")

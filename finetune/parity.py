@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .collate import IGNORE_INDEX, ChatCollator
-from .inference import prompt_messages
+from .inference import prompt_batch, prompt_messages, stop_token_ids
 
 
 @dataclass
@@ -40,27 +40,22 @@ def model_outputs(model, collator: ChatCollator, rows: list[dict], max_new_token
     text = (batch["attention_mask"] == 1) & ~torch.isin(ids, torch.tensor(collator.image_token_ids))
     supervised = torch.zeros_like(text)
     supervised[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # logits at t predict the token at t + 1
-    generated = _greedy(model, collator.processor, rows, max_new_tokens)
+    generated = _greedy(model, collator, rows, max_new_tokens)
     decoded = collator.processor.batch_decode(generated, skip_special_tokens=True)
     return Outputs(ids, logits, text, supervised, generated, [d.strip() for d in decoded])
 
 
-def _greedy(model, processor, rows: list[dict], max_new_tokens: int) -> list[list[int]]:
-    tokenizer = processor.tokenizer
+def _greedy(model, collator: ChatCollator, rows: list[dict], max_new_tokens: int) -> list[list[int]]:
+    tokenizer = collator.processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # every row continues from its last prompt token
     try:
-        texts = [processor.apply_chat_template(prompt_messages(r["messages"]), tokenize=False,
-                                               add_generation_prompt=True) for r in rows]
-        kwargs = dict(padding=True, return_tensors="pt")
-        if tokenizer.bos_token and all(t.startswith(tokenizer.bos_token) for t in texts):
-            kwargs["add_special_tokens"] = False  # the template wrote <bos> (as in training and `finetune predict`)
-        images = [list(r["images"]) for r in rows]
-        batch = processor(text=texts, images=images if any(images) else None, **kwargs)
+        batch = prompt_batch(collator.processor, collator.family, [prompt_messages(r["messages"]) for r in rows],
+                             [r["images"] for r in rows])
     finally:
         tokenizer.padding_side = side
-    batch.pop("labels", None)
     batch = batch.to(model.device)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=stop_token_ids(model, collator.processor, collator.family),
                          pad_token_id=tokenizer.pad_token_id)
     return out[:, batch["input_ids"].shape[1]:].cpu().tolist()
 

@@ -134,7 +134,7 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
 def load_processing(recipe: Recipe) -> tuple[str, Family, object, ChatCollator]:
     """Model path, family, processor (with the recipe's image settings) and the training collator."""
     model_path, family = load_family(recipe.model)
-    processor = load_processor(model_path, recipe.model, recipe.data.image_processor)
+    processor = load_processor(model_path, recipe.model, recipe.data.image_processor, family)
     return model_path, family, processor, ChatCollator(processor, family)
 
 

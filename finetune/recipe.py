@@ -31,7 +31,8 @@ class RecipeError(ValueError):
 class ModelConfig:
     """The base model and how to load it."""
 
-    #: Hub id (`Qwen/Qwen2.5-VL-3B-Instruct`), local folder, or `zoo:<family>[:<preset>]` for a local tiny model.
+    #: Hub id (`Qwen/Qwen2.5-VL-3B-Instruct`), local folder, `zoo:<family>[:<preset>]` for a local tiny model, or
+    #: `zoo:<folder of a checkpoint's hub files>` for a tiny model with that checkpoint's template and image settings.
     name_or_path: str
     #: Hub revision (branch, tag or commit). Required when `trust_remote_code` is on.
     revision: str | None = None
@@ -41,6 +42,14 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     #: Attention backend passed to `from_pretrained` (`sdpa`, `eager`, `flash_attention_2`); None = transformers' pick.
     attn_implementation: str | None = None
+    #: A Jinja chat template file that replaces the model's own. Saved with the run (processor files), so
+    #: evaluation, inference, merged exports and pushed repos render with it. None = the model's template, or for a
+    #: checkpoint without one, finetune's documented template for its family (PaliGemma); otherwise an error.
+    chat_template: str | None = None
+
+    def validate(self) -> None:
+        if self.chat_template is not None and not self.chat_template.strip():
+            raise RecipeError("model.chat_template: empty; give a template file path or null")
 
 
 @dataclass
@@ -495,8 +504,13 @@ def _validate_combinations(r: Recipe) -> None:
     if r.data.eval_split is None and r.training.eval_strategy not in ("no", None):
         raise RecipeError("training.eval_strategy: evaluation needs data.eval_split")
     if r.model.name_or_path.startswith("zoo:"):
-        family = r.model.name_or_path.split(":")[1]
-        _check_choice("model.name_or_path", family, FAMILIES, what="zoo family")
+        from .zoo import parse_name
+
+        family, folder, _ = parse_name(r.model.name_or_path)
+        if folder is None:
+            _check_choice("model.name_or_path", family, FAMILIES, what="zoo family")
+        elif not (folder / "config.json").is_file():
+            raise RecipeError(f"model.name_or_path: {folder}: not a folder of hub checkpoint files (no config.json)")
 
 
 # --- type checking -----------------------------------------------------------------------------------------------

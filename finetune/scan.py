@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .collate import TemplateError
+
 
 class DataRefused(ValueError):
     """The data cannot be trained as configured; the message says which rows and why."""
@@ -232,7 +234,10 @@ def measure_batch(rows: list[dict], reader, measurer, verify: str) -> dict[str, 
     for sample, problem in read_rows:
         length = supervised = 0
         if not problem:
-            length, supervised = encode(sample)
+            try:
+                length, supervised = encode(sample)
+            except TemplateError as e:  # a conversation this chat template cannot lay out: that row, not the run
+                problem = f"template cannot render the conversation: {e}"
         out["length"].append(length)
         out["supervised"].append(supervised)
         out["media"].append(len(sample["images"]) + len(sample["videos"]))

@@ -17,6 +17,7 @@ import random
 
 import torch
 
+from .collate import TemplateError
 from .data import ROW_ID, RowReader, load_rows, read_row, rename_columns
 from .formats import expand_captions
 from .scan import DataRefused
@@ -103,7 +104,10 @@ class StreamingRows(torch.utils.data.IterableDataset):
         sample, problem = read_row(self.reader.sized, dict(row))
         if problem:
             return 0, problem
-        length, supervised = self.measurer.measure(sample)
+        try:
+            length, supervised = self.measurer.measure(sample)
+        except TemplateError as e:
+            return 0, f"template cannot render the conversation: {e}"
         if self.max_length is not None and length > self.max_length:
             return 0, (f"longer than training.max_length={self.max_length}: {length} tokens after image "
                        "expansion")
