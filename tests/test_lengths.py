@@ -80,3 +80,37 @@ def test_video_rows_are_measured_by_collating_them():
     reply = measurer.processor.tokenizer("Redder.<|im_end|>", add_special_tokens=False)["input_ids"]
     assert (length, supervised) == measurer.collated(sample) and supervised == len(reply)
     assert length > 4 * 2  # the video's tokens are counted (4 frames -> 2 temporal patches, several tokens each)
+
+
+HUB = __import__("conftest").ROOT / "tests" / "fixtures" / "hub"
+#: Replicas of real checkpoints (their processor classes, templates and image settings; tiny weights).
+REAL = ["Qwen__Qwen2.5-VL-7B-Instruct", "Qwen__Qwen3-VL-8B-Instruct", "HuggingFaceM4__Idefics3-8B-Llama3",
+        "HuggingFaceTB__SmolVLM-256M-Instruct", "HuggingFaceTB__SmolVLM2-2.2B-Instruct",
+        "llava-hf__llava-v1.6-mistral-7b-hf", "llava-hf__llava-1.5-7b-hf", "google__paligemma2-3b-pt-448",
+        "google__gemma-3-4b-it", "meta-llama__Llama-3.2-11B-Vision-Instruct"]
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_lengths_from_image_sizes_equal_the_collated_lengths_at_real_image_settings(name):
+    """Real resolutions: Qwen's 1003520-pixel cap, Idefics3/SmolVLM splitting into 364/512-pixel tiles, LLaVA-NeXT
+    any-res grids, 448-pixel PaliGemma, Gemma 3's 256 tokens, Mllama's 560-pixel tiles (one token)."""
+    from finetune.modeling import load_processor
+    from finetune.recipe import ModelConfig
+
+    path = zoo.ensure_like(HUB / name)
+    model = ModelConfig(name_or_path=str(path))
+    family_name = __import__("json").loads((path / "config.json").read_text())["model_type"]
+    family = FAMILIES[family_name]
+    measurer = Measurer(load_processor(str(path), model, {}, family), family)
+    messages = conversations(family_name)[-1]
+    images = sum(p["type"] == "image" for m in messages for p in m["content"])
+    counts = set()
+    for i, size in enumerate([(640, 480), (800, 600), (1200, 300), (300, 1400), (2000, 1500)]):
+        sizes = [size, (size[1], size[0])][:images]
+        decoded = {"messages": messages, "images": [Image.new("RGB", s, (9, 99, 199)) for s in sizes], "videos": []}
+        expected = measurer.collated(decoded)
+        assert measurer.measure({**decoded, "images": sizes}) == expected, sizes
+        counts.add(expected[0])
+    # LLaVA-1.5, PaliGemma, Gemma 3 (no pan-and-scan) and Mllama give every image the same tokens.
+    resizes = family_name in ("qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "llava_next")
+    assert (len(counts) > 1) == resizes
