@@ -121,13 +121,7 @@ def llava(row: dict, system_prompt: str | None) -> dict:
         if role is None:
             raise RowError("unknown role", f"conversation turn from '{turn.get('from')}' (expected one of "
                                            f"{', '.join(ROLES)})")
-        content = []
-        for i, piece in enumerate(str(turn.get("value", "")).split(IMAGE_PLACEHOLDER)):
-            if i:
-                content.append({"type": "image"})
-            if piece.strip():
-                content.append(_text(piece.strip()))
-        messages.append({"role": role, "content": content})
+        messages.append({"role": role, "content": _placeholder_parts(str(turn.get("value", "")))})
     placeholders = sum(p["type"] == "image" for m in messages for p in m["content"])
     if placeholders and placeholders != len(images):
         raise RowError("placeholders != images", f"the row has {placeholders} {IMAGE_PLACEHOLDER} placeholders "
@@ -140,6 +134,29 @@ def llava(row: dict, system_prompt: str | None) -> dict:
     if system_prompt and not (messages and messages[0]["role"] == "system"):
         messages = _system(system_prompt) + messages
     return {"messages": messages, "images": images, "videos": []}
+
+
+def _placeholder_parts(value: str) -> list[dict]:
+    """Text and image parts of a turn, each `<image>` where it stands.
+
+    Whitespace is trimmed at the turn's ends and where an image sits on its own line (`<image>\\n...`: the line
+    break is layout); a space around a mid-sentence image ("Compare <image> and <image>.") is part of the sentence
+    and kept, as LLaVA's own tokenisation keeps it.
+    """
+    pieces = value.split(IMAGE_PLACEHOLDER)
+    parts = []
+    for i, piece in enumerate(pieces):
+        if i:
+            parts.append({"type": "image"})
+        lead = piece[:len(piece) - len(piece.lstrip())]
+        trail = piece[len(piece.rstrip()):]
+        if i == 0 or "\n" in lead:
+            piece = piece.lstrip()
+        if i == len(pieces) - 1 or "\n" in trail:
+            piece = piece.rstrip()
+        if piece.strip():
+            parts.append(_text(piece))
+    return parts
 
 
 def cauldron(row: dict, system_prompt: str | None) -> dict:

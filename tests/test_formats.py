@@ -69,7 +69,7 @@ def test_llava_places_each_image_where_its_placeholder_is():
         {"from": "human", "value": "Which is brighter?"},
         {"from": "gpt", "value": "The second."}]}
     assert llava(row, None) == {"messages": [
-        user(text("Compare"), IMG, text("with this one:"), IMG, text("What changed?")),
+        user(text("Compare "), IMG, text("with this one:"), IMG, text(" What changed?")),
         assistant("The car moved."), user(text("Which is brighter?")), assistant("The second.")],
         "images": ["left.jpg", "right.jpg"], "videos": []}
 
@@ -77,7 +77,18 @@ def test_llava_places_each_image_where_its_placeholder_is():
         {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A."},
         {"from": "human", "value": "And now <image>"}, {"from": "gpt", "value": "B."}]}
     assert llava(across_turns, None)["messages"] == [user(IMG, text("Describe.")), assistant("A."),
-                                                    user(text("And now"), IMG), assistant("B.")]
+                                                    user(text("And now "), IMG), assistant("B.")]
+
+
+def test_llava_keeps_the_spaces_around_a_mid_sentence_image():
+    """Regression: the spaces around `<image>` inside a sentence were stripped (`Compare<image>and<image>.`)."""
+    row = {"image": ["a.jpg", "b.jpg"], "conversations": [
+        {"from": "human", "value": "  Compare <image> and <image>. Are they the same?\n"},
+        {"from": "gpt", "value": "No."}]}
+    turn = llava(row, None)["messages"][0]
+    assert turn == user(text("Compare "), IMG, text(" and "), IMG, text(". Are they the same?"))
+    rendered = "".join(p["text"] if p["type"] == "text" else "<image>" for p in turn["content"])
+    assert rendered == "Compare <image> and <image>. Are they the same?"
 
 
 def test_llava_without_placeholder_text_only_and_errors():
