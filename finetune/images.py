@@ -8,9 +8,11 @@ dataset's image root (absolute paths, `..`, symlinks pointing out, URLs) unless 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,8 @@ def resolve(path: str, root: Path | None, allow_external: bool) -> str | Path:
     return full
 
 
-def open_image(ref: Any, root: Path | None, allow_external: bool = False) -> Image.Image:
+def open_image(ref: Any, root: Path | None, allow_external: bool = False,
+               pixel_limit: int = DEFAULT_PIXEL_LIMIT) -> Image.Image:
     """An opened (header read, pixels not yet decoded) image from a path, URL, bytes dict or PIL image."""
     if isinstance(ref, Image.Image):
         return ref
@@ -72,21 +75,44 @@ def open_image(ref: Any, root: Path | None, allow_external: bool = False) -> Ima
     if not data:
         raise BadMedia("empty file", f"{name}: the file is empty (0 bytes)")
     try:
-        return Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise BadMedia("too many pixels", f"{name}: {e}") from None
+        with pillow_pixel_limit(pixel_limit):
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise BadMedia("too many pixels", f"{name}: over data.pixel_limit={pixel_limit} pixels "
+                                          "(a decompression bomb?)") from None
     except (OSError, ValueError, SyntaxError):
         raise BadMedia("not an image", f"{name}: not an image file PIL can read") from None
+
+
+@contextlib.contextmanager
+def pillow_pixel_limit(pixel_limit: int):
+    """Pillow's own decompression-bomb guard set to `data.pixel_limit` while an image is opened and decoded.
+
+    Pillow refuses images over twice its module-wide MAX_IMAGE_PIXELS (about 179M pixels by default) before
+    finetune can look at them, so a higher recipe limit would have no effect and the refusal would name Pillow's
+    limit. finetune checks the size itself from the header (`_check_pixel_limit`), so Pillow's warning between
+    one and two times the limit is redundant and silenced. The global is restored after; Pillow offers no
+    per-call limit.
+    """
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = pixel_limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def load_image(ref: Any, root: Path | None, max_pixels: int | None = None, pixel_limit: int = DEFAULT_PIXEL_LIMIT,
                allow_external: bool = False) -> Image.Image:
     """Decode one image reference to an RGB PIL image, downscaled to at most `max_pixels` pixels if set."""
-    image = open_image(ref, root, allow_external)
+    image = open_image(ref, root, allow_external, pixel_limit)
     name = _name(ref)
     _check_pixel_limit(image, ref, pixel_limit)
     try:
-        image.load()
+        with pillow_pixel_limit(pixel_limit):
+            image.load()
         image = ImageOps.exif_transpose(image)
         image = to_rgb(image)
     except (OSError, ValueError, SyntaxError) as e:
@@ -102,7 +128,7 @@ def image_size(ref: Any, root: Path | None, max_pixels: int | None = None,
     Catches what the header shows (missing, empty, not an image, over the pixel limit, outside the image root);
     a file whose pixel data is broken (truncated) only fails when it is decoded, in training.
     """
-    image = open_image(ref, root, allow_external)
+    image = open_image(ref, root, allow_external, pixel_limit)
     _check_pixel_limit(image, ref, pixel_limit)
     width, height = image.size
     # EXIF orientations 5-8 rotate by 90 degrees: exif_transpose swaps the sides.

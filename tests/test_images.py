@@ -189,3 +189,34 @@ def test_processor_image_settings_apply_and_are_saved_with_the_processor(tmp_pat
     assert processor(text=prompt, images=big)["image_grid_thw"].tolist() == [[1, 4, 4]]  # default: [1, 8, 8]
     processor.save_pretrained(tmp_path)  # what a run folder and a merged export hold
     assert AutoProcessor.from_pretrained(tmp_path)(text=prompt, images=big)["image_grid_thw"].tolist() == [[1, 4, 4]]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (1-bit grayscale) with no pixel data: huge sizes cost nothing."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_pixel_limit_above_pillows_own_limit_is_honoured_and_named(tmp_path):
+    """Regression: Pillow refused images over ~179M pixels (2x its MAX_IMAGE_PIXELS) before data.pixel_limit was
+    read, so a higher recipe limit had no effect and the drop reason named Pillow's limit."""
+    from finetune.images import image_size
+
+    (tmp_path / "huge.png").write_bytes(png_header_only(15_000, 15_000))  # 225M pixels, over Pillow's 178.9M
+    assert 15_000 * 15_000 > 2 * Image.MAX_IMAGE_PIXELS
+    pillow_default = Image.MAX_IMAGE_PIXELS
+    assert image_size("huge.png", tmp_path, pixel_limit=250_000_000) == (15_000, 15_000)
+    assert Image.MAX_IMAGE_PIXELS == pillow_default  # Pillow's global is restored
+    # At the default limit (Pillow's own value) Pillow's guard refuses it first: the reason names the recipe key.
+    with pytest.raises(BadMedia, match=r"huge.png: over data.pixel_limit=89478485 pixels") as e:
+        image_size("huge.png", tmp_path)
+    assert e.value.reason == "too many pixels"
+    with pytest.raises(BadMedia, match=r"15000x15000 is over data.pixel_limit=220000000"):
+        image_size("huge.png", tmp_path, pixel_limit=220_000_000)  # between 1x and 2x: finetune's check
+    assert Image.MAX_IMAGE_PIXELS == pillow_default
