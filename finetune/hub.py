@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -60,6 +61,8 @@ def push(target: str | Path, repo_id: str | None = None, private: bool | None = 
 
     contents: dict[str, str | bytes] = {p.name: str(p) for p in sorted(folder.iterdir())
                                         if p.is_file() and p.suffix in UPLOAD_SUFFIXES}
+    for name, value in list(contents.items()):
+        contents[name] = _without_local_paths(Path(value))
     contents["README.md"] = render_card(folder, kind, repo_id).encode()
     if kind == "adapter":
         contents["adapter_config.json"] = _portable_adapter_config(folder, recipe.model.name_or_path)
@@ -161,6 +164,40 @@ def _folder(target: Path, merged: bool) -> tuple[Path, str]:
     if not report.get("checked"):
         print(f"[finetune] warning: {target} was exported without a parity check")
     return target, "merged"
+
+
+#: An absolute or home-relative filesystem path inside a string (not a URL, not a fraction like 3/4).
+LOCAL_PATH = re.compile(r"(?<![\w:/.~-])~?(?:/[^\s/'\",;()\[\]]+)+/?")
+REDACTED = "<local path>"
+
+
+def redact_local_paths(value):
+    """`value` (parsed JSON/YAML) with every absolute path of this machine replaced by `<local path>/NAME`: the
+    file or folder name says what it was without telling the world how this machine's disk is laid out."""
+    if isinstance(value, dict):
+        return {k: redact_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_local_paths(v) for v in value]
+    if isinstance(value, str):
+        return LOCAL_PATH.sub(lambda m: f"{REDACTED}/{Path(m[0].rstrip('/')).name}", value)
+    return value
+
+
+def _without_local_paths(path: Path) -> str | bytes:
+    """The file to upload: the path itself, or for a JSON/YAML file that names local paths (recipe.yaml's data and
+    output folders, run_summary.json's examples) a redacted copy. The run folder keeps the full original."""
+    if path.suffix not in (".json", ".yaml"):
+        return str(path)
+    text = path.read_text(encoding="utf-8")
+    if not LOCAL_PATH.search(text):
+        return str(path)
+    if path.suffix == ".json":
+        return (json.dumps(redact_local_paths(json.loads(text)), indent=2) + "\n").encode()
+    import yaml
+
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    note = f"# Local filesystem paths are shown as {REDACTED}/NAME; the run folder has them in full.\n"
+    return (header + note + yaml.safe_dump(redact_local_paths(yaml.safe_load(text)), sort_keys=False)).encode()
 
 
 def _portable_adapter_config(folder: Path, name_or_path: str) -> bytes:

@@ -99,7 +99,7 @@ def test_cli_push_is_one_private_commit_on_the_branch_retried_past_a_503(run_dir
     assert commit["revision"] == "experiment" and commit["summary"] == "Upload LoRA adapter (finetune)"
     assert set(commit["files"]) == ADAPTER_FILES
     assert result.stdout.strip().splitlines()[-1] == f"{hub.url}/alice/tiny-vlm/commit/{commit['oid']}"
-    for name in ("adapter_model.safetensors", "tokenizer.json", "chat_template.jinja", "recipe.yaml"):
+    for name in ("adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"):
         assert commit["files"][name] == (run_dir / name).read_bytes(), name
 
     meta = front_matter(commit["files"]["README.md"])
@@ -205,3 +205,19 @@ def test_card_names_hub_models_and_datasets_and_never_local_paths(run_dir, tmp_p
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     card = render_card(folder, "adapter", "alice/qwen2-vl-chartqa")
     assert "base_model" not in front_matter(card) and str(tmp_path) not in card
+
+
+def test_pushed_recipe_and_summary_name_no_local_path_while_the_run_folder_keeps_them(run_dir, online):
+    """Regression: recipe.yaml went up with the user's absolute data, image and output paths in it."""
+    finetune.push(run_dir, repo_id="alice/redacted", attempts=1)
+    files = online.commits[-1]["files"]
+    local = load_recipe(run_dir / "recipe.yaml")  # the run folder keeps the full recipe
+    assert local.data.path == str(ROOT / "data/chartqa-tiny") and local.training.output_dir == str(run_dir)
+    pushed_text = files["recipe.yaml"].decode()
+    for text in (pushed_text, files["run_summary.json"].decode()):
+        assert str(ROOT) not in text and str(run_dir) not in text and str(Path.home()) not in text
+    pushed = yaml.safe_load(pushed_text)
+    assert pushed["data"]["path"] == "<local path>/chartqa-tiny"
+    assert pushed["training"]["output_dir"] == f"<local path>/{run_dir.name}"
+    assert pushed["lora"] == yaml.safe_load((run_dir / "recipe.yaml").read_text())["lora"]  # the rest is intact
+    assert pushed_text.startswith("# The resolved recipe") and "<local path>/NAME" in pushed_text
