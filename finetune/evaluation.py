@@ -4,38 +4,54 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .data import chat_dataset
-from .inference import Target, generate, load_target, prompt_messages
+from .inference import Target, generate, load_target
 from .metrics import DEFAULT_METRIC, METRICS, normalize
 from .recipe import Recipe, RecipeError, load_recipe
 
 
 @dataclass
 class Example:
+    """One assistant turn to answer: the conversation before it (earlier replies as the data gives them), the
+    images and videos that conversation shows, and the reply as reference."""
+
     row_id: int
     prompt: list[dict]
     images: list
     references: list[str]
+    videos: list = field(default_factory=list)
+    turn: int = 0  # which assistant turn of its row (0 = the first)
 
 
 def examples(dataset, limit: int | None = None) -> list[Example]:
-    """Prompt (conversation minus the final reply) and reference answers of each row."""
+    """Every assistant turn of the first `limit` rows, as an Example; unusable rows (the pre-flight report names
+    them) are skipped."""
     out = []
     for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
         sample = dataset[i]
-        # Unusable rows (the pre-flight report names them) and video rows (generation takes images) are skipped.
-        if sample["problem"] or sample["videos"] or sample["messages"][-1]["role"] != "assistant":
-            continue
-        reply = sample["messages"][-1]
-        text = "".join(p["text"] for p in reply["content"] if p["type"] == "text")
-        out.append(Example(sample["row_id"], prompt_messages(sample["messages"]), sample["images"], [text]))
+        if not sample["problem"]:
+            out += row_examples(sample)
     return out
 
+
+def row_examples(sample: dict) -> list[Example]:
+    """One Example per assistant turn of a chat row, each with the images and videos its prompt places."""
+    messages = sample["messages"]
+    out = []
+    for end, message in enumerate(messages):
+        if message["role"] != "assistant" or not end:
+            continue
+        prompt = messages[:end]
+        shown = [p["type"] for m in prompt for p in m["content"]]
+        reply = "".join(p["text"] for p in message["content"] if p["type"] == "text")
+        out.append(Example(sample["row_id"], prompt, list(sample["images"])[:shown.count("image")], [reply],
+                           list(sample["videos"] or [])[:shown.count("video")], turn=len(out)))
+    return out
 
 def metric_for(recipe: Recipe, metric: str | None) -> str:
     name = metric or recipe.evaluation.metric or DEFAULT_METRIC.get(recipe.data.format, "exact_match")
@@ -51,10 +67,11 @@ def score(target: Target, items: list[Example], metric: str, batch_size: int = 8
     records = []
     for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", leave=False):
         chunk = items[start:start + batch_size]
-        answers = generate(target, [e.prompt for e in chunk], [e.images for e in chunk], max_new_tokens)
+        answers = generate(target, [e.prompt for e in chunk], [e.images for e in chunk], max_new_tokens,
+                           videos=[e.videos for e in chunk])
         for example, answer in zip(chunk, answers):
             question = " ".join(p["text"] for p in example.prompt[-1]["content"] if p["type"] == "text")
-            records.append({"id": example.row_id, "prompt": question, "prediction": answer,
+            records.append({"id": example.row_id, "turn": example.turn, "prompt": question, "prediction": answer,
                             "references": example.references, "score": fn(answer, example.references)})
     mean = sum(r["score"] for r in records) / len(records) if records else 0.0
     return mean, records
@@ -98,7 +115,7 @@ def evaluate(target: str | Path | Target, split: str | None = None, limit: int |
     if not split:
         raise RecipeError("data.eval_split: not set; pass --split")
     name = metric_for(recipe, metric)
-    items = examples(chat_dataset(recipe.data, split), limit)
+    items = examples(chat_dataset(recipe.data, split, videos_as_images=not target.family.video_input), limit)
     value, records = score(target, items, name, batch_size, max_new_tokens, desc=f"eval {split}")
     result = {"target": target.name, "kind": target.kind, "split": split, "metric": name, "score": value,
               "n": len(records)}

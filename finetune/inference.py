@@ -84,17 +84,21 @@ def stop_token_ids(model, processor, family: Family) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def prompt_batch(processor, family: Family, conversations: list[list[dict]], images: list[list]):
-    """Prompts (each conversation ends with a user turn) rendered and tokenised exactly as training renders them."""
+def prompt_batch(processor, family: Family, conversations: list[list[dict]], images: list[list],
+                 videos: list[list] | None = None):
+    """Prompts (each conversation ends with a user turn) rendered and tokenised exactly as training renders them.
+    `videos`: per conversation, its videos (each a list of frames), in the order the conversation shows them."""
     texts = [render(processor, m, family, generation_prompt=True) for m in conversations]
-    return encode(processor, family, texts, [list(i) for i in images])
+    flat = [list(v) for row in (videos or []) for v in row]  # the processor takes one list over the batch
+    return encode(processor, family, texts, [list(i) for i in images], flat or None)
 
 
 @torch.no_grad()
-def generate(target: Target, conversations: list[list[dict]], images: list[list], max_new_tokens: int = 32) -> list[str]:
+def generate(target: Target, conversations: list[list[dict]], images: list[list], max_new_tokens: int = 32,
+             videos: list[list] | None = None) -> list[str]:
     """Greedy answers, one per conversation (each ends with a user turn), in one left-padded batch."""
     processor = target.processor
-    batch = prompt_batch(processor, target.family, conversations, images).to(target.model.device)
+    batch = prompt_batch(processor, target.family, conversations, images, videos).to(target.model.device)
     prompt_length = batch["input_ids"].shape[1]
     output = target.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                    eos_token_id=stop_token_ids(target.model, processor, target.family),

@@ -139,3 +139,41 @@ def test_a_row_of_the_wrong_shape_is_reported_by_id_not_raised(tmp_path):
     _, family, _, collator = load_processing(recipe)
     _, report = scanned(recipe, "train", family, collator)
     assert report.kept == [0] and report.dropped == {"malformed row": [1, 2]}
+
+
+def test_evaluation_scores_video_rows_and_every_assistant_turn(tmp_path):
+    """Regression: evaluation skipped rows with videos and scored only the last assistant reply of each row."""
+    from finetune.evaluation import evaluate, examples
+    from finetune.inference import load_target
+
+    write_video(tmp_path / "clip.mp4")
+    image(0).save(tmp_path / "a.png")
+    image(1).save(tmp_path / "b.png")
+
+    def turn(role, *parts):
+        return {"role": role, "content": [{"type": p} if p in ("image", "video") else {"type": "text", "text": p}
+                                          for p in parts]}
+
+    rows = [{"messages": [turn("user", "video", "What changes?"), turn("assistant", "It gets redder.")],
+             "videos": ["clip.mp4"], "images": []},
+            {"messages": [turn("user", "image", "What is it?"), turn("assistant", "Noise."),
+                          turn("user", "image", "And this one?"), turn("assistant", "More noise."),
+                          turn("user", "Same?"), turn("assistant", "No.")],
+             "images": ["a.png", "b.png"], "videos": []}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = media_recipe(tmp_path, "messages", tmp_path, eval_split="test", video_frames=4)
+
+    items = examples(chat_dataset(recipe.data, "test"))
+    assert [(e.row_id, e.turn, e.references, len(e.images), len(e.videos)) for e in items] == [
+        (0, 0, ["It gets redder."], 0, 1),
+        (1, 0, ["Noise."], 1, 0), (1, 1, ["More noise."], 2, 0), (1, 2, ["No."], 2, 0)]
+    # Each later turn is asked with the conversation so far (earlier replies as the data gives them).
+    assert [m["role"] for m in items[3].prompt] == ["user", "assistant", "user", "assistant", "user"]
+    assert len(items[0].videos[0]) == 4  # the clip's 4 sampled frames reach generation as a video
+
+    result = evaluate(load_target("zoo:qwen2_vl"), recipe=recipe, out_dir=tmp_path / "eval", metric="exact_match",
+                      max_new_tokens=2)
+    assert result["n"] == 4
+    records = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["turn"], r["references"]) for r in records] == [
+        (0, 0, ["It gets redder."]), (1, 0, ["Noise."]), (1, 1, ["More noise."]), (1, 2, ["No."])]
