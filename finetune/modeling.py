@@ -112,7 +112,7 @@ def load_model(path: str, cfg: ModelConfig, quant: QuantizationConfig, family: F
     if quant.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        # Checkpointing is switched on by the trainer from `training.gradient_checkpointing`, not here.
+        # Checkpointing is switched on by the trainer from `training.activation_checkpointing`, not here.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         training_kernels(model)
     return model

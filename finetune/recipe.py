@@ -14,6 +14,7 @@ import importlib.util
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -280,6 +281,16 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     # Rows are tokenised by finetune's collator (assistant-only labels, images never truncated).
     "dataset_kwargs": {"skip_prepare_dataset": True},
     "report_to": "none",
+    # TRL 1.16 defaults the deprecated `gradient_checkpointing` alias to True, which makes transformers 5 warn on
+    # every run; the same default (checkpointing on) under its current name.
+    "activation_checkpointing": True,
+    "gradient_checkpointing": None,
+}
+
+#: SFTConfig keys transformers 5 renamed (the old names warn and go in v6): read under the new name.
+RENAMED_TRAINING_KEYS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
 }
 
 # SFTConfig keys that would silently break multimodal training; refused with the reason.
@@ -451,11 +462,26 @@ def build_recipe(raw: dict) -> Recipe:
             for key in body:
                 if key in REFUSED_TRAINING_KEYS:
                     raise RecipeError(f"training.{key}: not supported: {REFUSED_TRAINING_KEYS[key]}")
+            body = _renamed_training_keys(body)
             cls = training_config_class()
         sections[name] = _build_section(cls, body, name)
     recipe = Recipe(**sections)
     _validate_combinations(recipe)
     return recipe
+
+
+def _renamed_training_keys(body: dict) -> dict:
+    """`training:` with transformers' deprecated key names read as their current ones (one warning each)."""
+    body = dict(body)
+    for old, new in RENAMED_TRAINING_KEYS.items():
+        if old not in body:
+            continue
+        if new in body:
+            raise RecipeError(f"training.{old}: the deprecated name of training.{new}; set only {new}")
+        warnings.warn(f"training.{old} is deprecated (transformers 5; removed in v6): read as training.{new}, "
+                      "the name to use in recipes", FutureWarning, stacklevel=2)
+        body[new] = body.pop(old)
+    return body
 
 
 def _build_section(cls: type, body: dict, prefix: str) -> Any:

@@ -141,7 +141,7 @@ def run_side(side: str, data: Path, model_path: str, args) -> dict:
             "training": {"output_dir": args.tmp + "/finetune", "per_device_train_batch_size": args.batch // 2,
                          "gradient_accumulation_steps": 2, "num_train_epochs": 1, "learning_rate": args.lr,
                          "logging_steps": 1, "save_strategy": "no", "bf16": False, "seed": args.seed,
-                         "max_length": None, "gradient_checkpointing": False, "dataloader_num_workers": 0,
+                         "max_length": None, "activation_checkpointing": False, "dataloader_num_workers": 0,
                          "train_sampling_strategy": "group_by_length", "disable_tqdm": True},
         })
         import finetune.pipeline

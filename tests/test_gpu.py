@@ -105,7 +105,7 @@ def trained(tmp_path_factory):
         # 4 rows, batch 4: every step sees the same batch, so the loss must fall step after step.
         "training": {"output_dir": str(out), "max_steps": 20, "per_device_train_batch_size": 4,
                      "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "bf16": CUDA,
-                     "gradient_checkpointing": True, "seed": 0, "dataloader_num_workers": 0},
+                     "activation_checkpointing": True, "seed": 0, "dataloader_num_workers": 0},
     })
     run = prepare(recipe)
     started = time.time()
@@ -115,7 +115,7 @@ def trained(tmp_path_factory):
     facts = {"device": str(next(model.parameters()).device), "args_device": str(run.trainer.args.device),
              "bf16": run.trainer.args.bf16, "base_dtype": str(model.get_input_embeddings().weight.dtype),
              "adapter_dtype": str(next(p for n, p in model.named_parameters() if "lora_" in n).dtype),
-             "gradient_checkpointing": bool(model.base_model.model.is_gradient_checkpointing)}
+             "gradient_checkpointing": bool(model.base_model.model.is_activation_checkpointing)}
     del run, model
     if CUDA:
         torch.cuda.empty_cache()

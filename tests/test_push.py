@@ -34,7 +34,7 @@ def tiny_recipe(out, *extra):
         "evaluation": {"limit": 4, "max_new_tokens": 4, "batch_size": 4},
         "training": {"output_dir": str(out), "max_steps": 2, "per_device_train_batch_size": 2,
                      "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "bf16": False,
-                     "gradient_checkpointing": False, "seed": 0, "dataloader_num_workers": 0},
+                     "activation_checkpointing": False, "seed": 0, "dataloader_num_workers": 0},
     }, list(extra))
 
 

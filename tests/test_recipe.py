@@ -135,3 +135,28 @@ def test_accelerate_configs_cover_the_setups():
     names = {p.name for p in ACCELERATE}
     assert {"single-gpu.yaml", "multi-gpu-ddp.yaml", "fsdp2-qlora.yaml", "deepspeed-zero2.yaml",
             "deepspeed-zero3.yaml", "two-node.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_build_their_sft_config_without_deprecation_warnings(path):
+    import warnings
+
+    recipe = load_recipe(path, ["training.bf16=false"])  # bf16 needs a GPU to build the config; not the point
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = recipe.sft_config()
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert deprecations == []
+    expected = parse_yaml(path.read_text())["training"].get("activation_checkpointing", True)
+    assert config.activation_checkpointing is expected and config.gradient_checkpointing is expected
+
+
+def test_deprecated_training_key_names_are_read_under_their_current_names():
+    with pytest.warns(FutureWarning, match="training.gradient_checkpointing is deprecated .* training.activation_"):
+        recipe = load_recipe({**MINIMAL, "training": {"gradient_checkpointing": False}})
+    assert recipe.training.activation_checkpointing is False
+    assert recipe.to_dict()["training"] == {"activation_checkpointing": False}
+    assert load_recipe(MINIMAL).training.activation_checkpointing is True  # TRL's default: checkpointing on
+    with pytest.raises(RecipeError, match="training.gradient_checkpointing: the deprecated name of "
+                                          "training.activation_checkpointing; set only activation_checkpointing"):
+        load_recipe({**MINIMAL, "training": {"gradient_checkpointing": True, "activation_checkpointing": True}})

@@ -36,7 +36,7 @@ def recipe(tmp_path, data_path, *overrides):
         "model": {"name_or_path": "zoo:qwen2_vl", "dtype": "float32"},
         "data": {"path": str(data_path), "format": "messages"},
         "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "bf16": False, "max_length": 60,
-                     "gradient_checkpointing": False, "per_device_train_batch_size": 2},
+                     "activation_checkpointing": False, "per_device_train_batch_size": 2},
     }, list(overrides))
 
 

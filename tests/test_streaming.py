@@ -48,7 +48,7 @@ def stream_recipe(data, out, **training):
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
         "training": {"output_dir": str(out), "max_steps": 6, "per_device_train_batch_size": 2,
                      "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "steps", "save_steps": 1,
-                     "bf16": False, "gradient_checkpointing": False, "seed": 0, "dataloader_num_workers": 0,
+                     "bf16": False, "activation_checkpointing": False, "seed": 0, "dataloader_num_workers": 0,
                      "max_length": 60, "disable_tqdm": True, **training},
         "evaluation": {"enabled": False},
     }

@@ -18,7 +18,7 @@ def tiny_recipe(family, tmp_path, *extra):
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "training": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "per_device_train_batch_size": 2,
                      "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "bf16": False,
-                     "gradient_checkpointing": False, "report_to": "none", "seed": 0,
+                     "activation_checkpointing": False, "report_to": "none", "seed": 0,
                      "dataloader_num_workers": 0},
     }, list(extra))
 
