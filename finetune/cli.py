@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
 
+    from .console import quiet_library_warnings
+
+    quiet_library_warnings()
     from .checkpoints import CheckpointError
     from .collate import TemplateError
     from .data import DataError

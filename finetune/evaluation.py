@@ -222,6 +222,8 @@ def before_after(run, out: Path) -> dict:
         for r in records:
             f.write(json.dumps(r) + "\n")
     (eval_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    # The headline numbers go to the run's trackers (report_to) too, beside the during-training metric.
+    run.trainer.log({f"eval_{metric}_base": base, f"eval_{metric}_tuned": tuned})
     table = write_report(out, run, result, records)
     print(f"\n{table}\n\n[finetune] report: {out / 'report.md'}")
     return result

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .collate import encode, render
+from .console import quiet_library_warnings
 from .families import Family
 from .modeling import load_family, load_model, load_processor, resolve_model_path
 from .recipe import ModelConfig, QuantizationConfig, Recipe, load_recipe
@@ -32,6 +33,7 @@ class Target:
 
 def load_target(target: str | Path, recipe: Recipe | None = None) -> Target:
     """A run folder (adapter + recipe.yaml), a merged export, a local model folder, a hub id or `zoo:<family>`."""
+    quiet_library_warnings()
     path = Path(str(target))
     if recipe is None and (path / "recipe.yaml").is_file():
         recipe = load_recipe(path / "recipe.yaml")

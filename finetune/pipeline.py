@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .collate import ChatCollator
+from .console import figure, quiet_library_warnings
 from .data import RowReader, chat_rows, source_rows
 from .checkpoints import CHECKPOINT, checkpoints, leftovers, newest_complete, resume_point, step_of
 from .families import Family
@@ -39,6 +40,7 @@ class Run:
 
 def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), overwrite: bool = False) -> Path:
     """Fine-tune as the recipe says; returns the output folder holding the adapter, processor and summary."""
+    quiet_library_warnings()
     started = time.time()
     if isinstance(recipe, Recipe) and overrides:  # overrides apply to a loaded recipe too, never silently not
         source = recipe.source
@@ -113,6 +115,8 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
     trainer = Trainer(
         model=model,
         lengths=None if recipe.data.streaming else train_scan.lengths,
+        # A stream's preview rows are checked again as they are read (and counted there).
+        rows_dropped_in_scan=0 if recipe.data.streaming else train_scan.rows - len(train_scan.kept),
         health=HealthMonitor(recipe.guards.on_nonfinite, recipe.guards.grad_norm_spike),
         args=args,
         train_dataset=train_dataset,
@@ -223,6 +227,9 @@ def _runtime_overrides(recipe: Recipe) -> dict:
         overrides["use_cpu"] = True
     if recipe.data.streaming:  # the stream skips what a resumed run trained (finetune.streaming), without decoding
         overrides["ignore_data_skip"] = True
+    # Pinned memory only helps copies to an accelerator; without one torch warns on every dataloader.
+    if recipe.training.dataloader_pin_memory and (recipe.training.use_cpu or not torch.accelerator.is_available()):
+        overrides["dataloader_pin_memory"] = False
     return overrides
 
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import errno
 import math
 import shutil
+import time
 from pathlib import Path
 
 import torch
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
 from . import checkpoints
+from .console import figure
 from .guards import HealthMonitor, SaveOnInterrupt, refuse_nonfinite_weights
 
 
@@ -23,7 +26,8 @@ class Trainer(SFTTrainer):
     dataset (decoding every image to build it) or guess from `input_ids`; the scan already knows the real lengths.
     """
 
-    def __init__(self, *args, lengths: list[int] | None = None, health: HealthMonitor | None = None, **kwargs):
+    def __init__(self, *args, lengths: list[int] | None = None, health: HealthMonitor | None = None,
+                 rows_dropped_in_scan: int = 0, **kwargs):
         from .streaming import StreamingRows
 
         stream = kwargs.get("train_dataset")
@@ -34,6 +38,7 @@ class Trainer(SFTTrainer):
 
             kwargs["train_dataset"] = datasets.Dataset.from_dict({"images": [[]], "messages": [[]]})
         self.lengths = lengths
+        self.rows_dropped_in_scan = rows_dropped_in_scan  # reported with the loss, for trackers
         self.health = health or HealthMonitor("stop", None)
         self.interrupt = SaveOnInterrupt()
         self.seen = torch.zeros(3, dtype=torch.long)  # samples, real tokens, padded positions (this process)
@@ -41,14 +46,19 @@ class Trainer(SFTTrainer):
         self.empty_batches = 0
         self._skip_batch = False
         self._staging: Path | None = None
+        self._last_log: tuple[float, torch.Tensor] | None = None  # (time, all ranks' counts) at the previous log
         super().__init__(*args, **kwargs)
         if isinstance(stream, StreamingRows):
             self.train_dataset = stream
         self.add_callback(self.interrupt)
+        if self.callback_handler.pop_callback(ProgressCallback) is not None:
+            self.add_callback(NumericProgress)
 
     # --- counting and guarding every batch ---------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._last_log is None:  # the first batch: throughput is measured from here
+            self._last_log = (time.perf_counter(), torch.zeros_like(self.seen))
         self._skip_batch = self._take_dropped(inputs)
         # Counted where batches arrive (the collator may run in dataloader workers, whose counts would be lost).
         mask = inputs["attention_mask"]
@@ -173,6 +183,31 @@ class Trainer(SFTTrainer):
 
     # --- reporting and sampling --------------------------------------------------------------------------------
 
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        # Every training log (all ranks log together) carries finetune's throughput since the previous one and the
+        # rows dropped so far, so progress lines and trackers (report_to) show them next to the loss.
+        if "loss" in logs and self._last_log is not None:
+            logs.update(self._interval_facts())
+        super().log(logs, start_time)
+
+    def _interval_facts(self) -> dict:
+        """Non-padding tokens/s, samples/s and padding fraction since the previous log, and rows dropped (pre-flight
+        scan, and images that failed to decode in training), over all processes."""
+        dropped = sum(len(rows) for rows in self.dropped_in_training.values())
+        local = torch.cat([self.seen, torch.tensor([dropped])]).to(self.args.device)
+        now, totals = time.perf_counter(), self.accelerator.reduce(local, "sum").cpu()
+        then, before = self._last_log
+        self._last_log = (now, totals[:3])
+        samples, tokens, padded = (int(x) for x in totals[:3] - before)
+        seconds = max(now - then, 1e-9)
+        facts = {"tokens_per_second": round(tokens / seconds, 1), "samples_per_second": round(samples / seconds, 3),
+                 "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0}
+        if self.rows_dropped_in_scan:
+            facts["rows_dropped_in_scan"] = self.rows_dropped_in_scan
+        if int(totals[3]):
+            facts["rows_dropped_in_training"] = int(totals[3])
+        return facts
+
     def throughput(self, seconds: float) -> dict:
         """Samples/s, non-padding tokens/s and padding fraction over all processes; call on every rank."""
         samples, tokens, padded = (int(x) for x in self.accelerator.reduce(self.seen.to(self.args.device), "sum"))
@@ -202,6 +237,14 @@ class Trainer(SFTTrainer):
             return super()._get_train_sampler(train_dataset)
         return EpochSeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                                lengths=self.lengths, seed=self.args.data_seed or self.args.seed)
+
+
+class NumericProgress(ProgressCallback):
+    """transformers 5's progress bar, but its log lines print numbers (`'loss': 7.54`), not strings (`'7.54'`)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None:
+            self.training_bar.write(str({k: figure(v) for k, v in (logs or {}).items() if k != "total_flos"}))
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
