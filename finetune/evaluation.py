@@ -53,6 +53,51 @@ def row_examples(sample: dict) -> list[Example]:
                            list(sample["videos"] or [])[:shown.count("video")], turn=len(out)))
     return out
 
+#: Columns that commonly say what kind of question a row asks, or where it came from (ChartQA: human_or_machine).
+GROUP_COLUMNS = ("question_type", "type", "category", "source", "human_or_machine")
+#: Without such a column, templated eval sets (a few distinct questions) are broken down by the question itself.
+MAX_QUESTION_GROUPS = 12
+
+
+def grouping(recipe: Recipe, split: str, records: list[dict]) -> tuple[str | None, list[str]]:
+    """What to break the held-out score down by, and each record's group; (None, []) when nothing splits it."""
+    from .data import ROW_ID, source_rows
+
+    rows = source_rows(recipe.data, split)
+    wanted = recipe.evaluation.group_by
+    if wanted and wanted not in rows.column_names:
+        raise RecipeError(f"evaluation.group_by: the {split} split has no column '{wanted}' (columns: "
+                          f"{', '.join(c for c in rows.column_names if c != ROW_ID)})")
+    for column in [wanted] if wanted else [c for c in GROUP_COLUMNS if c in rows.column_names]:
+        label = dict(zip(rows[ROW_ID], rows[column]))
+        groups = [str(label[r["id"]]) for r in records]
+        if len(set(groups)) > 1:
+            return column, groups
+    keys = [normalize(r["prompt"]) for r in records]
+    if not wanted and 1 < len(set(keys)) <= min(MAX_QUESTION_GROUPS, len(records) // 2):
+        shown: dict[str, str] = {}  # each question as the data first words it
+        for key, record in zip(keys, records):
+            shown.setdefault(key, record["prompt"])
+        return "question", [shown[key] for key in keys]
+    return None, []
+
+
+def breakdown(base: list[dict], tuned: list[dict], by: str | None, groups: list[str]) -> dict | None:
+    """Mean base and fine-tuned score per group, the fine-tuned model's weakest group first."""
+    if by is None:
+        return None
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+
+    def mean(records, idx):
+        return sum(records[i]["score"] for i in idx) / len(idx)
+
+    rows = [{"group": g, "n": len(idx), "base": mean(base, idx), "tuned": mean(tuned, idx)}
+            for g, idx in members.items()]
+    return {"by": by, "groups": sorted(rows, key=lambda r: (r["tuned"], -r["n"], r["group"]))}
+
+
 def metric_for(recipe: Recipe, metric: str | None) -> str:
     name = metric or recipe.evaluation.metric or DEFAULT_METRIC.get(recipe.data.format, "exact_match")
     if name not in METRICS:
@@ -211,11 +256,12 @@ def before_after(run, out: Path) -> dict:
     model = run.trainer.model
     model.eval()
     with model.disable_adapter():
-        base, _ = score(target, items, metric, cfg.batch_size, cfg.max_new_tokens, desc="eval base")
+        base, base_records = score(target, items, metric, cfg.batch_size, cfg.max_new_tokens, desc="eval base")
     tuned, records = score(target, items, metric, cfg.batch_size, cfg.max_new_tokens, desc="eval tuned")
     baselines = majority_baselines(examples(run.train_data, 2000), items, metric)
-    result = {"metric": metric, "split": run.recipe.data.eval_split, "n": len(items), "base": base, "tuned": tuned,
-              **baselines}
+    split = run.recipe.data.eval_split
+    result = {"metric": metric, "split": split, "n": len(items), "base": base, "tuned": tuned, **baselines,
+              "breakdown": breakdown(base_records, records, *grouping(run.recipe, split, records))}
     eval_dir = out / "eval"
     eval_dir.mkdir(exist_ok=True)
     with open(eval_dir / "predictions.jsonl", "w", encoding="utf-8") as f:

@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Sequence
 
 from .collate import ChatCollator
-from .console import figure, quiet_library_warnings
+from .console import quiet_library_warnings
 from .data import RowReader, chat_rows, source_rows
 from .checkpoints import CHECKPOINT, checkpoints, leftovers, newest_complete, resume_point, step_of
 from .families import Family
 from .guards import HealthMonitor, TrainingInterrupted
 from .modeling import LoraPlan, load_family, load_model, load_processor, plan_lora, trainable_by_group
 from .recipe import Recipe, RecipeError, load_recipe
-from .report import loss_points, metric_points, plot_loss, write_recipe, write_summary
+from .plots import training_figure
+from .report import loss_points, metric_points, write_recipe, write_summary
 from .lengths import Measurer
 from .scan import ScanReport, scan_rows
 from .sharding import refuse_text_only_rows_when_sharded, sharded_strategy
@@ -166,8 +167,8 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
     run.processor.save_pretrained(str(out))
     write_recipe(run.recipe, out)
     points = loss_points(trainer.state.log_history)
-    plot_loss(points, out / "loss_curve.png", title=f"training loss - {run.recipe.model.name_or_path}",
-              metric=metric_points(trainer.state.log_history))
+    training_figure(trainer.state.log_history, out / "loss_curve.png", title=run.recipe.model.name_or_path,
+                    metric=metric_points(trainer.state.log_history))
     write_summary({
         "base_model": run.recipe.model.name_or_path,
         "family": run.family.name,

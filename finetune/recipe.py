@@ -231,6 +231,10 @@ class EvaluationConfig:
     during_limit: int = 32
     #: Keep the adapter with the best in-training score in `<output_dir>/best` (needs every_n_steps).
     keep_best: bool = False
+    #: A column of the eval split to break the held-out score down by in report.md; None = the first of
+    #: question_type, type, category, source, human_or_machine with two or more values, else the question itself
+    #: when the split asks only a few distinct ones.
+    group_by: str | None = None
 
     def validate(self) -> None:
         from .metrics import METRICS

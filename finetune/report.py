@@ -1,4 +1,5 @@
-"""What a run leaves behind besides the adapter: the resolved recipe, a JSON summary and a loss-curve PNG."""
+"""What a run leaves behind besides the adapter: the resolved recipe, a JSON summary and report.md (the figure is
+drawn by finetune.plots)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import json
 from pathlib import Path
 
 import yaml
-from PIL import Image, ImageDraw
 
 
 def write_recipe(recipe, out: Path) -> None:
@@ -31,46 +31,6 @@ def metric_points(log_history: list[dict]) -> tuple[str, list[tuple[int, float]]
     return None
 
 
-def plot_loss(points: list[tuple[int, float]], path: Path, title: str = "training loss",
-              metric: tuple[str, list[tuple[int, float]]] | None = None) -> None:
-    """A plain line chart drawn with PIL (no plotting dependency for one figure); an eval metric on a 0-1 axis."""
-    width, height, pad = 640, 400, 50
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((pad, 15), title, fill="black")
-    draw.line([(pad, pad), (pad, height - pad), (width - pad, height - pad)], fill="black")
-    if points:
-        steps = [s for s, _ in points]
-        losses = [v for _, v in points]
-        lo, hi = min(losses), max(losses)
-        hi = hi if hi > lo else lo + 1.0
-        s0, s1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
-
-        def xy(step, loss):
-            return (pad + (step - s0) / (s1 - s0) * (width - 2 * pad),
-                    height - pad - (loss - lo) / (hi - lo) * (height - 2 * pad))
-
-        draw.line([xy(s, v) for s, v in points], fill=(31, 119, 180), width=2)
-        draw.text((5, pad - 5), f"{hi:.3f}", fill="black")
-        draw.text((5, height - pad - 5), f"{lo:.3f}", fill="black")
-        draw.text((pad, height - pad + 8), f"step {s0}", fill="black")
-        draw.text((width - pad - 60, height - pad + 8), f"step {s1}", fill="black")
-        if metric and metric[1]:
-            name, values = metric
-
-            def mxy(step, value):
-                return xy(step, lo)[0], height - pad - value * (height - 2 * pad)
-
-            draw.line([mxy(s, v) for s, v in values], fill=(214, 39, 40), width=2)
-            for s, v in values:
-                x, y = mxy(s, v)
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(214, 39, 40))
-            draw.text((width - pad + 5, pad - 5), "1.0", fill=(214, 39, 40))
-            draw.text((width - pad + 5, height - pad - 5), "0.0", fill=(214, 39, 40))
-            draw.text((width - 260, 15), f"red: {name} (right axis)", fill=(214, 39, 40))
-    image.save(path)
-
-
 def metric_table(result: dict) -> str:
     """The before/after table, as markdown."""
     metric = result["metric"]
@@ -82,25 +42,61 @@ def metric_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(summary: dict) -> str:
+    """Steps, loss and speed in rounded figures (run_summary.json keeps them in full)."""
+    first, final = summary.get("first_loss"), summary.get("final_loss")
+    loss = f"Loss {first:.4f} -> {final:.4f}." if first is not None and final is not None else "No loss logged."
+    speed = summary.get("throughput")
+    speed = (f" {speed['tokens_per_second']:,.0f} tokens/s, {speed['samples_per_second']:.2f} samples/s, "
+             f"{speed['padding_fraction']:.1%} padding." if speed else "")
+    return f"Steps: {summary['steps']}. {loss} Wall time: {summary['wall_time_s']:.0f} s.{speed}"
+
+
+def breakdown_table(breakdown: dict | None, metric: str) -> str:
+    """The fine-tuned score per group (question type, source, ...), worst first; empty without groups."""
+    if not breakdown:
+        return ""
+    lines = [f"| {breakdown['by']} | samples | base | fine-tuned |", "|---|---|---|---|"]
+    lines += [f"| {g['group']} | {g['n']} | {g['base']:.3f} | {g['tuned']:.3f} |" for g in breakdown["groups"]]
+    return f"\n### By {breakdown['by']} ({metric})\n\n" + "\n".join(lines) + "\n"
+
+
+def predictions_table(records: list[dict]) -> str:
+    rows = [f"| {_row(r)} | {_cell(r['prompt'])} | "
+            f"{_cell(r['prediction'])} | {_cell(' / '.join(r['references']))} | {r['score']:.2f} |" for r in records]
+    return "| row | question | prediction | reference | score |\n|---|---|---|---|---|\n" + "\n".join(rows)
+
+
+def worst(records: list[dict], n: int = 5) -> list[dict]:
+    """The n lowest-scored predictions (the first of equal scores in data order)."""
+    return sorted(records, key=lambda r: r["score"])[:n]
+
+
+def _row(record: dict) -> str:
+    """The row id, and which of its assistant turns after the first (`7, turn 2`)."""
+    return f"{record['id']}, turn {record['turn'] + 1}" if record.get("turn") else str(record["id"])
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def write_report(out: Path, run, result: dict, records: list[dict], n_examples: int = 8) -> str:
-    """report.md: recipe, data, loss curve, before/after metrics and example predictions."""
+    """report.md: recipe, data, figure, before/after metrics (per group where the data has groups), example
+    predictions and the worst-scored ones."""
     table = metric_table(result)
     summary = json.loads((out / "run_summary.json").read_text())
-    examples = "\n".join(
-        f"| {r['id']} | {r['prompt']} | {r['prediction']} | {' / '.join(r['references'])} | {r['score']:.2f} |"
-        for r in records[:n_examples])
     text = f"""# Fine-tuning report: {run.recipe.model.name_or_path}
 
-Family: {run.family.name}. Steps: {summary['steps']}. Loss {summary['first_loss']} -> {summary['final_loss']}.
-Wall time: {summary['wall_time_s']} s.
+Family: {run.family.name}. {headline(summary)}
 
 ## Held-out results
 
 {table}
+{breakdown_table(result.get("breakdown"), result["metric"])}
+## Training curves
 
-## Loss curve
-
-![loss curve](loss_curve.png)
+![loss, held-out metric and learning rate by step](loss_curve.png)
 
 ## Data
 
@@ -110,9 +106,11 @@ Wall time: {summary['wall_time_s']} s.
 
 ## Example predictions (fine-tuned)
 
-| row | question | prediction | reference | score |
-|---|---|---|---|---|
-{examples}
+{predictions_table(records[:n_examples])}
+
+## Worst-scored predictions (fine-tuned)
+
+{predictions_table(worst(records))}
 
 ## Recipe
 
