@@ -198,10 +198,15 @@ class GenerationEvalCallback:
 
     def run(self, step: int, model) -> float:
         model.eval()
-        value, _ = score(self.target, self.items, self.metric, self.batch_size, self.max_new_tokens,
-                         desc=f"eval @ step {step}")
-        model.train()
+        with self.trainer.outside_training():
+            value, _ = score(self.target, self.items, self.metric, self.batch_size, self.max_new_tokens,
+                             desc=f"eval @ step {step}")
+        # Logged in eval mode, so TRL does not move the training step's own metrics (entropy, token accuracy)
+        # into this entry; and logging clears the trainer's should_log, which would drop this step's loss log.
+        should_log = self.trainer.control.should_log
         self.trainer.log({f"eval_{self.metric}": value})
+        self.trainer.control.should_log = should_log
+        model.train()
         if (self.keep_best_dir is not None and self.trainer.is_world_process_zero()
                 and (self.best is None or value > self.best)):
             self.best = value

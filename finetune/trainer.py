@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import shutil
@@ -47,6 +48,7 @@ class Trainer(SFTTrainer):
         self._skip_batch = False
         self._staging: Path | None = None
         self._last_log: tuple[float, torch.Tensor] | None = None  # (time, all ranks' counts) at the previous log
+        self._paused = 0.0  # seconds since then spent outside training (generation evals), not counted
         super().__init__(*args, **kwargs)
         if isinstance(stream, StreamingRows):
             self.train_dataset = stream
@@ -190,6 +192,15 @@ class Trainer(SFTTrainer):
             logs.update(self._interval_facts())
         super().log(logs, start_time)
 
+    @contextlib.contextmanager
+    def outside_training(self):
+        """Time spent in here (a generation eval mid-run) is left out of the next log's tokens/s."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - started
+
     def _interval_facts(self) -> dict:
         """Non-padding tokens/s, samples/s and padding fraction since the previous log, and rows dropped (pre-flight
         scan, and images that failed to decode in training), over all processes."""
@@ -197,6 +208,8 @@ class Trainer(SFTTrainer):
         local = torch.cat([self.seen, torch.tensor([dropped])]).to(self.args.device)
         now, totals = time.perf_counter(), self.accelerator.reduce(local, "sum").cpu()
         then, before = self._last_log
+        then += self._paused
+        self._paused = 0.0
         self._last_log = (now, totals[:3])
         samples, tokens, padded = (int(x) for x in totals[:3] - before)
         seconds = max(now - then, 1e-9)

@@ -1,0 +1,127 @@
+"""What a user sees: the tiny recipe's console (no deprecation warnings, numbers as numbers), its figure and
+report.md, and finetune's own metrics in a tracker (tensorboard) next to the loss."""
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from finetune.plots import Line, Panel, panels_figure, smoothed, training_figure
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """`finetune train recipes/tiny-chartqa.yaml` for 10 steps, a tracker on, with every warning shown."""
+    out = tmp_path_factory.mktemp("console") / "run"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}  # DeprecationWarnings too
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", "train", "recipes/tiny-chartqa.yaml", f"training.output_dir={out}",
+         f"training.max_steps={STEPS}", "training.logging_steps=5", "training.report_to=tensorboard",
+         "evaluation.every_n_steps=5", "evaluation.during_limit=8", "evaluation.limit=16"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout + result.stderr
+
+
+def test_the_tiny_recipe_prints_no_deprecation_warning_and_numbers_as_numbers(tiny_run):
+    out, console = tiny_run
+    warned = [line for line in console.splitlines() if re.search(r"(Future|Deprecation|User)Warning", line)]
+    assert warned == []
+    logs = [ast.literal_eval(m) for m in re.findall(r"\{'loss': [^}]*\}", console)]
+    assert len(logs) == STEPS // 5
+    summary = json.loads((out / "run_summary.json").read_text())
+    for log, point in zip(logs, summary["loss_curve"]):
+        assert all(isinstance(v, (int, float)) for v in log.values()), log  # never '7.54'
+        assert log["loss"] == float(f"{point['loss']:.4g}")  # 4 significant digits
+        assert log["tokens_per_second"] > 0 and 0 <= log["padding_fraction"] < 0.1
+    final = re.search(r"\[finetune\] done in \d+s; loss (\d+\.\d{4}) -> (\d+\.\d{4}); (\d+) tokens/s", console)
+    assert final and float(final[2]) == round(summary["final_loss"], 4)
+
+
+def test_report_is_in_rounded_figures_with_groups_and_the_worst_predictions(tiny_run):
+    out, _ = tiny_run
+    report = (out / "report.md").read_text()
+    summary = json.loads((out / "run_summary.json").read_text())
+    body = report[:report.index("## Recipe")]
+    assert f"Loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}." in body
+    assert not re.search(r"\d\.\d{5,}", body), "no unrounded figure"
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    records = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["n"] == len(records) == 16
+
+    # The bundled data has no question-type column, and asks three templated questions: broken down by question.
+    groups = metrics["breakdown"]["groups"]
+    assert metrics["breakdown"]["by"] == "question" and sum(g["n"] for g in groups) == 16
+    for g in groups:
+        scores = [r["score"] for r in records if r["prompt"] == g["group"]]
+        assert g["n"] == len(scores) and g["tuned"] == pytest.approx(sum(scores) / len(scores))
+        assert f"| {g['group']} | {g['n']} | {g['base']:.3f} | {g['tuned']:.3f} |" in body
+    assert [g["tuned"] for g in groups] == sorted(g["tuned"] for g in groups)  # weakest first
+
+    worst = body[body.index("## Worst-scored predictions"):].splitlines()[4:9]
+    lowest = sorted(r["score"] for r in records)[:5]
+    assert [float(line.rsplit("|", 2)[1]) for line in worst] == pytest.approx(lowest, abs=0.005)
+
+
+def test_tensorboard_has_finetunes_throughput_and_eval_metric_next_to_the_loss(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, console = tiny_run
+    (logdir,) = (out / "runs").iterdir()
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    scalars = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert scalars["train/loss"] == pytest.approx({p["step"]: p["loss"] for p in summary["loss_curve"]}, rel=1e-6)
+    logged = [ast.literal_eval(m) for m in re.findall(r"\{'loss': [^}]*\}", console)]
+    assert list(scalars["train/tokens_per_second"]) == [5, 10]
+    assert list(scalars["train/tokens_per_second"].values()) == pytest.approx(
+        [log["tokens_per_second"] for log in logged], rel=1e-3)
+    assert set(scalars["train/padding_fraction"]) == {5, 10}
+    during = summary["eval_during_training"]
+    assert during[0] == "eval_relaxed_accuracy"
+    assert scalars["eval/relaxed_accuracy"] == pytest.approx(dict(during[1]))
+    assert list(scalars["eval/relaxed_accuracy"]) == [5, 10]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert scalars["eval/relaxed_accuracy_tuned"] == pytest.approx({STEPS: metrics["tuned"]})
+    assert scalars["eval/relaxed_accuracy_base"] == pytest.approx({STEPS: metrics["base"]})
+
+
+def test_the_run_figure_is_a_png_with_labelled_axes(tiny_run):
+    from PIL import Image
+
+    out, _ = tiny_run
+    with Image.open(out / "loss_curve.png") as png:
+        assert png.format == "PNG" and png.width >= 800 and png.height >= 700
+    loss = [{"step": 5 * i, "loss": 8.0 / i, "learning_rate": 1e-3 * (1 - i / 40)} for i in range(1, 41)]
+    metric = ("eval_relaxed_accuracy", [(100, 0.25), (200, 0.5)])
+    fig = training_figure(loss + [{"step": s, "eval_relaxed_accuracy": v} for s, v in metric[1]], None, "t",
+                          metric)
+    top, bottom, right = fig.axes
+    assert (top.get_ylabel(), bottom.get_ylabel(), bottom.get_xlabel()) == ("training loss", "learning rate", "step")
+    assert right.get_ylabel() == "held-out relaxed_accuracy" and right.get_ylim() == (-0.02, 1.02)
+    raw, average = top.get_lines()
+    assert list(raw.get_ydata()) == [8.0 / i for i in range(1, 41)]
+    assert list(average.get_ydata()) == pytest.approx(smoothed([8.0 / i for i in range(1, 41)], 4))
+    assert [t.get_text() for t in top.get_legend().get_texts()] == [
+        "loss (each log)", "loss (moving average, 4 logs)", "relaxed_accuracy"]
+    assert list(right.get_lines()[0].get_ydata()) == [0.25, 0.5]
+    assert list(bottom.get_lines()[0].get_ydata()) == [e["learning_rate"] for e in loss]
+
+
+def test_panels_take_any_series_and_short_series_are_drawn_unsmoothed():
+    fig = panels_figure(None, [Panel("reward", [Line("chosen", [(1, 0.5), (2, 0.7)], smooth=True),
+                                                 Line("rejected", [(1, 0.4), (2, 0.1)])],
+                                     right=[Line("margin", [(1, 0.1), (2, 0.6)])], right_label="margin")],
+                        x_label="optimizer step")
+    ax, twin = fig.axes
+    assert (ax.get_ylabel(), ax.get_xlabel(), twin.get_ylabel()) == ("reward", "optimizer step", "margin")
+    assert [line.get_label() for line in ax.get_lines()] == ["chosen", "rejected"]
+    assert smoothed([2.0, 2.0, 2.0], 3) == pytest.approx([2.0, 2.0, 2.0])  # debiased: no pull towards 0
