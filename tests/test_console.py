@@ -125,3 +125,28 @@ def test_panels_take_any_series_and_short_series_are_drawn_unsmoothed():
     assert (ax.get_ylabel(), ax.get_xlabel(), twin.get_ylabel()) == ("reward", "optimizer step", "margin")
     assert [line.get_label() for line in ax.get_lines()] == ["chosen", "rejected"]
     assert smoothed([2.0, 2.0, 2.0], 3) == pytest.approx([2.0, 2.0, 2.0])  # debiased: no pull towards 0
+
+
+def test_breakdown_uses_a_source_column_when_the_data_has_one(tmp_path):
+    from finetune.evaluation import breakdown, grouping
+    from finetune.recipe import RecipeError, load_recipe
+
+    rows = [{"image": "a.png", "query": f"q{i}", "label": ["x"], "source": src, "human_or_machine": 0}
+            for i, src in enumerate(["docvqa", "chartqa", "docvqa", "chartqa", "docvqa"])]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe({"model": {"name_or_path": "zoo:qwen2_vl"},
+                          "data": {"path": str(tmp_path), "format": "chartqa", "eval_split": "test"}})
+    # Records of rows 0-3 only (a limit), scored 1, 0, 1, 1 fine-tuned and 0 everywhere for the base model.
+    tuned = [{"id": i, "prompt": f"q{i}", "score": s} for i, s in enumerate([1.0, 0.0, 1.0, 1.0])]
+    base = [{**r, "score": 0.0} for r in tuned]
+    by, groups = grouping(recipe, "test", tuned)
+    assert (by, groups) == ("source", ["docvqa", "chartqa", "docvqa", "chartqa"])  # human_or_machine: one value
+    assert breakdown(base, tuned, by, groups) == {"by": "source", "groups": [
+        {"group": "chartqa", "n": 2, "base": 0.0, "tuned": 0.5}, {"group": "docvqa", "n": 2, "base": 0.0, "tuned": 1.0}]}
+    recipe.evaluation.group_by = "kind"
+    with pytest.raises(RecipeError, match="evaluation.group_by: the test split has no column 'kind'"):
+        grouping(recipe, "test", tuned)
+    recipe.evaluation.group_by = None
+    distinct = [{"id": i, "prompt": f"q{i}", "score": 1.0} for i in range(4)]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({**r, "source": "one"}) + "\n" for r in rows))
+    assert grouping(recipe, "test", distinct) == (None, [])  # one source, and every question distinct
