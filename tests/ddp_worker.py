@@ -41,4 +41,5 @@ if run.trainer.is_world_process_zero():
 Path(report_dir, f"rank{rank}.json").write_text(json.dumps({
     "rank": rank, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
     "backend": dist.get_backend() if dist.is_initialized() else None, "rows": seen, "adapter_sha256": digest,
-    "n_lora_tensors": len(lora), "seen": own}))
+    "n_lora_tensors": len(lora), "seen": own,
+    "scan": hashlib.sha256(json.dumps([run.train_scan.kept, run.train_scan.lengths]).encode()).hexdigest()}))

@@ -46,6 +46,7 @@ def test_two_process_cpu_training(tmp_path):
     assert result.stdout.count("[finetune] rank 0: pre-flight scan of 32 rows (header check") == 1
     assert result.stdout.count("[finetune] rank 1: pre-flight scan of 32 rows loaded from cache") == 1
     assert result.stdout.count("pre-flight scan of") == 2
+    assert ranks[0]["scan"] == ranks[1]["scan"], "every rank has the same kept rows and lengths"
     assert result.stdout.count("[finetune] train data:") == 1 and result.stdout.count("[finetune] trainable parameters") == 1
     # Throughput counts the batches of both ranks.
     seen = [r["seen"] for r in ranks]

@@ -79,3 +79,41 @@ def test_qlora_quantizes_the_decoder_only_and_learns(tmp_path):
     losses = [e["loss"] for e in run.trainer.state.log_history if "loss" in e]
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.5, losses
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_the_lm_head_runs_only_where_the_loss_is_with_the_full_loss_and_gradients(family, tmp_path):
+    """The trainer's loss (TRL's fused LM head: the head projects only positions whose next token carries a label)
+    equals cross-entropy over the full logits, and so do the LoRA gradients (fp32, tolerance 1e-5 relative)."""
+    run = prepare(tiny_recipe(family, tmp_path))
+    trainer, model = run.trainer, run.trainer.model
+    for name, p in model.named_parameters():  # LoRA B starts at zero; give every adapter a non-trivial value
+        if p.requires_grad:
+            torch.manual_seed(len(name))
+            p.data.normal_(0, 0.02)
+    batch = trainer.data_collator([run.train_data[i] for i in range(2)])
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    head = model.get_output_embeddings()
+
+    def full_logits(*args, **kwargs):
+        raise AssertionError("the LM head module ran: full (batch, length, vocabulary) logits were built")
+
+    head.forward = full_logits  # the fused head reads the weight for the supervised positions only
+    fused = trainer.compute_loss(model, dict(batch))
+    del head.forward
+    fused_grads = torch.autograd.grad(fused, params)
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits.float()
+    labels = batch["labels"][:, 1:]
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100)
+    full_grads = torch.autograd.grad(full, params)
+
+    supervised = int((labels != -100).sum())
+    assert 0 < supervised < labels.numel() // 4, "most positions carry no loss"
+    assert torch.allclose(fused, full, rtol=1e-5, atol=1e-6), (fused.item(), full.item())
+    for g_fused, g_full in zip(fused_grads, full_grads):
+        assert torch.allclose(g_fused, g_full, rtol=1e-4, atol=1e-7)
