@@ -32,7 +32,7 @@ def test_training_writes_before_after_report(run_dir):
     for key in ("base", "tuned", "majority_answer", "majority_per_question"):
         assert 0.0 <= metrics[key] <= 1.0
     records = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert len(records) == 16 and set(records[0]) == {"id", "prompt", "prediction", "references", "score"}
+    assert len(records) == 16 and set(records[0]) == {"id", "turn", "prompt", "prediction", "references", "score"}
     assert all(r["score"] == relaxed_accuracy(r["prediction"], r["references"]) for r in records)
     assert sum(r["score"] for r in records) / 16 == pytest.approx(metrics["tuned"])
     report = (run_dir / "report.md").read_text()
