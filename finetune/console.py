@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-#: Warnings a library raises about its own internals, whatever the recipe says: (category, message regex, why).
+#: Warnings a library raises about its own internals, whatever the recipe says: (category, message regex).
 LIBRARY_INTERNALS = [
     # peft 0.21 (PeftModel.__init__) and TRL 1.16 (generation helpers) read `model.is_gradient_checkpointing`,
     # which transformers 5.24 deprecated in favour of `is_activation_checkpointing`; nothing a recipe can change.
@@ -18,10 +18,10 @@ def quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
-def figure(value):
+def rounded(value):
     """A logged value as a short number: 4 significant digits, whole numbers as ints (never a string)."""
     if isinstance(value, bool) or not isinstance(value, float):
         return value
-    rounded = float(f"{value:.4g}")
-    return int(rounded) if rounded.is_integer() else rounded
+    short = float(f"{value:.4g}")
+    return int(short) if short.is_integer() else short
 

@@ -16,7 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
 from . import checkpoints
-from .console import figure
+from .console import rounded
 from .guards import HealthMonitor, SaveOnInterrupt, refuse_nonfinite_weights
 
 
@@ -257,7 +257,7 @@ class NumericProgress(ProgressCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None:
-            self.training_bar.write(str({k: figure(v) for k, v in (logs or {}).items() if k != "total_flos"}))
+            self.training_bar.write(str({k: rounded(v) for k, v in (logs or {}).items() if k != "total_flos"}))
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
