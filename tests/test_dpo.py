@@ -261,3 +261,20 @@ def test_merge_and_push_a_dpo_run_folder(dpo_run, monkeypatch):
     metrics = json.loads((out / "eval/metrics.json").read_text())
     assert (f"| preference accuracy (chosen likelier than rejected) | {metrics['preference_accuracy']['before']:.3f}"
             in card)
+
+
+def test_demo_pairs_are_the_chart_sample_with_a_wrong_answer_rejected():
+    import subprocess
+    import sys
+
+    check = subprocess.run([sys.executable, "scripts/make_chartqa_preference.py", "--check"], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    for split in ("train", "test"):
+        source = [json.loads(line) for line in (ROOT / f"data/chartqa-tiny/{split}.jsonl").read_text().splitlines()]
+        pairs = [json.loads(line) for line in (ROOT / f"data/chartqa-tiny-dpo/{split}.jsonl").read_text().splitlines()]
+        assert len(pairs) == len(source)
+        for row, pair in zip(source, pairs):
+            assert (pair["image"], pair["prompt"], pair["chosen"]) == (row["image"], row["query"], row["label"][0])
+            assert pair["rejected"] != pair["chosen"]
+            assert pair["rejected"].isdigit() == pair["chosen"].isdigit()  # a count for a count, a colour for a colour
