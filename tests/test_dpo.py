@@ -278,3 +278,36 @@ def test_demo_pairs_are_the_chart_sample_with_a_wrong_answer_rejected():
             assert (pair["image"], pair["prompt"], pair["chosen"]) == (row["image"], row["query"], row["label"][0])
             assert pair["rejected"] != pair["chosen"]
             assert pair["rejected"].isdigit() == pair["chosen"].isdigit()  # a count for a count, a colour for a colour
+
+
+def test_qlora_dpo_from_a_fresh_adapter_trains_only_lora_against_the_base(tmp_path):
+    """QLoRA (NF4 decoder) with a fresh adapter: the reference is the base with the adapter disabled, so the first
+    step's reward margin is exactly 0 (LoRA's B starts at zero); only LoRA tensors change."""
+    import bitsandbytes as bnb
+
+    from finetune.pipeline import prepare
+
+    run = prepare(dpo_recipe(tmp_path, "quantization.load_in_4bit=true", max_steps=4))
+    model = run.trainer.model
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert "ref" not in model.peft_config  # no copy of anything: the base is the reference
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run.trainer.train()
+    logs = [e for e in run.trainer.state.log_history if "rewards/margins" in e]
+    assert len(logs) == 4 and logs[0]["rewards/margins"] == 0.0
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in logs)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and all("lora_" in n for n in changed)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "gemma3", "paligemma", "llava"])
+def test_dpo_trains_in_every_listed_family(family, tmp_path):
+    from finetune.pipeline import prepare
+
+    recipe = dpo_recipe(tmp_path, f"model.name_or_path=zoo:{family}", "data.max_samples=4", max_steps=2,
+                        per_device_train_batch_size=2)
+    run = prepare(recipe)
+    run.trainer.train()
+    logs = [e for e in run.trainer.state.log_history if "rewards/margins" in e]
+    assert len(logs) == 2 and logs[0]["rewards/margins"] == 0.0 and logs[1]["rewards/margins"] != 0.0
+    assert all(e["logps/chosen"] < 0 and e["logps/rejected"] < 0 for e in logs)
