@@ -131,7 +131,7 @@ def preference_accuracy(model, collator, rows, batch_size: int = 8) -> dict:
 def before_after(run, out: Path) -> dict:
     """Reference (base, or the starting adapter) vs the DPO-trained policy on the held-out split: preference
     accuracy, and generation accuracy with the chosen reply as the reference answer. Writes eval/ and report.md."""
-    from .evaluation import Example, generation_target, metric_for, score
+    from .evaluation import examples, generation_target, metric_for, score
 
     cfg = run.recipe.evaluation
     model = run.trainer.model
@@ -142,10 +142,9 @@ def before_after(run, out: Path) -> dict:
         pref_before = preference_accuracy(model, collator, rows, cfg.batch_size)
     pref_after = preference_accuracy(model, collator, rows, cfg.batch_size)
 
-    metric = metric_for(run.recipe, cfg.metric or "relaxed_accuracy")
-    items = [Example(r["row_id"], r["messages"], r["images"], [r["chosen"]]) for r in rows if not r["problem"]]
+    metric = metric_for(run.recipe, None)
+    items = examples(rows)  # the prompts, with the chosen reply as the reference answer
     target = generation_target(run)
-    collator.processor.tokenizer.padding_side = "right"  # generation_target copied the processor (left padding)
     with reference(model):
         gen_before, _ = score(target, items, metric, cfg.batch_size, cfg.max_new_tokens, desc="eval reference")
     gen_after, records = score(target, items, metric, cfg.batch_size, cfg.max_new_tokens, desc="eval dpo")

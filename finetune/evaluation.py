@@ -28,6 +28,9 @@ def examples(dataset, limit: int | None = None) -> list[Example]:
     out = []
     for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
         sample = dataset[i]
+        if sample.get("chosen") and not sample["problem"]:  # a preference row: its chosen reply is the answer
+            out.append(Example(sample["row_id"], sample["messages"], sample["images"], [sample["chosen"]]))
+            continue
         # Unusable rows (the pre-flight report names them) and video rows (generation takes images) are skipped.
         if sample["problem"] or sample["videos"] or sample["messages"][-1]["role"] != "assistant":
             continue

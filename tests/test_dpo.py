@@ -238,6 +238,16 @@ def test_dpo_run_from_an_sft_adapter_raises_the_margin_and_writes_the_run_folder
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_finetune_eval_on_a_dpo_run_folder_reproduces_its_generation_score(dpo_run):
+    from finetune.evaluation import evaluate
+
+    _, out = dpo_run
+    metrics = json.loads((out / "eval/metrics.json").read_text())
+    result = evaluate(out, limit=metrics["n"], out_dir=out / "eval-again", max_new_tokens=4, batch_size=4)
+    assert (result["metric"], result["n"]) == ("relaxed_accuracy", metrics["n"])
+    assert result["score"] == metrics["generation"]["after"]
+
+
 def test_merge_and_push_a_dpo_run_folder(dpo_run, monkeypatch):
     import huggingface_hub.constants
     from hub_server import serve
