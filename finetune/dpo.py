@@ -191,4 +191,4 @@ def plot_curves(log_history: list[dict], path: Path, title: str) -> None:
     rows = [e for e in log_history if "step" in e and "rewards/margins" in e]
     margins = [(e["step"], e["rewards/margins"]) for e in rows]
     accuracy = ("rewards/accuracies", [(e["step"], e["rewards/accuracies"]) for e in rows])
-    plot_loss(margins, path, title=f"{title}: reward margin (left), reward accuracy (0-1 axis)", metric=accuracy)
+    plot_loss(margins, path, title=f"{title}: reward margin (blue)", metric=accuracy)

@@ -179,8 +179,7 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
         from . import dpo as preference
 
         preference.save_adapter_cleanup(out)
-        preference.plot_curves(trainer.state.log_history, out / "dpo_curves.png",
-                               title=f"DPO - {run.recipe.model.name_or_path}")
+        preference.plot_curves(trainer.state.log_history, out / "dpo_curves.png", title="DPO")
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml records the same, as text
     run.processor.save_pretrained(str(out))
     write_recipe(run.recipe, out)
