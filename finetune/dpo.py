@@ -70,8 +70,9 @@ class DPOTrainer(Guarded, trl.DPOTrainer):
     (counted in sequences: each pair is two)."""
 
 
-def continue_from(model, adapter: str | Path):
-    """The model with the adapter of a run folder loaded, trainable (`model.adapter`)."""
+def continue_from(model, adapter: str | Path, base: str):
+    """The model (`base`: the recipe's model.name_or_path) with the adapter of a run folder loaded, trainable
+    (`model.adapter`)."""
     from peft import PeftModel
 
     from .recipe import RecipeError
@@ -79,6 +80,13 @@ def continue_from(model, adapter: str | Path):
     folder = Path(adapter)
     if not (folder / "adapter_config.json").is_file():
         raise RecipeError(f"model.adapter: {folder}: no adapter_config.json (give the folder of a finished run)")
+    if (folder / "recipe.yaml").is_file():  # a finetune run: its adapter belongs to the base it names
+        from .recipe import load_recipe
+
+        trained_on = load_recipe(folder / "recipe.yaml").model.name_or_path
+        if trained_on != base:
+            raise RecipeError(f"model.adapter: {folder} was trained on {trained_on}, not on "
+                              f"{base} (model.name_or_path)")
     return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
 
 
@@ -160,7 +168,8 @@ def before_after(run, out: Path) -> dict:
             f.write(json.dumps(r) + "\n")
     (eval_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     table = (f"| held-out ({result['split']}, n={len(items)}) | before: {start} | after DPO |\n|---|---|---|\n"
-             f"| preference accuracy (chosen likelier) | {pref_before['accuracy']:.3f} | {pref_after['accuracy']:.3f} |\n"
+             f"| preference accuracy (chosen likelier) | {pref_before['accuracy']:.3f} | "
+             f"{pref_after['accuracy']:.3f} |\n"
              f"| mean log-prob margin chosen - rejected | {pref_before['mean_margin']:.2f} | "
              f"{pref_after['mean_margin']:.2f} |\n"
              f"| generation {metric} | {gen_before:.3f} | {gen_after:.3f} |")

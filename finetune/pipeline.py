@@ -115,7 +115,7 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
     if recipe.model.adapter:  # continue training a run's adapter (its own LoRA settings) instead of a fresh one
         from .dpo import continue_from
 
-        model, peft_config = continue_from(model, recipe.model.adapter), None
+        model, peft_config = continue_from(model, recipe.model.adapter, recipe.model.name_or_path), None
 
     if recipe.training.method == "dpo":
         from .dpo import DPOTrainer as Trainer

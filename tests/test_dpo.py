@@ -248,6 +248,14 @@ def test_finetune_eval_on_a_dpo_run_folder_reproduces_its_generation_score(dpo_r
     assert result["score"] == metrics["generation"]["after"]
 
 
+def test_an_adapter_of_another_base_model_is_refused(dpo_run, tmp_path):
+    from finetune.pipeline import prepare
+
+    sft, _ = dpo_run
+    with pytest.raises(RecipeError, match=f"model.adapter: {sft} was trained on zoo:qwen2_vl, not on zoo:llava"):
+        prepare(dpo_recipe(tmp_path, f"model.adapter={sft}", "model.name_or_path=zoo:llava"))
+
+
 def test_merge_and_push_a_dpo_run_folder(dpo_run, monkeypatch):
     import huggingface_hub.constants
     from hub_server import serve
