@@ -329,3 +329,31 @@ def test_dpo_trains_in_every_listed_family(family, tmp_path):
     logs = [e for e in run.trainer.state.log_history if "rewards/margins" in e]
     assert len(logs) == 2 and logs[0]["rewards/margins"] == 0.0 and logs[1]["rewards/margins"] != 0.0
     assert all(e["logps/chosen"] < 0 and e["logps/rejected"] < 0 for e in logs)
+
+
+def test_a_resumed_dpo_run_from_an_sft_adapter_equals_the_uninterrupted_one(dpo_run, tmp_path, capsys):
+    """Resuming restores the trained adapter; the reference stays the SFT adapter as it started (it is rebuilt from
+    model.adapter, not from the checkpoint), so the resumed run ends with the same weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from finetune.pipeline import train
+
+    sft, _ = dpo_run
+    settings = (f"model.adapter={sft}", "evaluation.enabled=false")
+    steps = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    whole = train(dpo_recipe(tmp_path / "whole", *settings, **steps))
+    again = tmp_path / "again" / "dpo"
+    again.mkdir(parents=True)
+    shutil.copytree(whole / "checkpoint-2", again / "checkpoint-2")
+    capsys.readouterr()
+    resumed = train(dpo_recipe(tmp_path / "again", *settings, resume="auto", **steps))
+    assert f"resuming from {again / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
+    a, b = (load_file(p / "adapter_model.safetensors") for p in (whole, resumed))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    margins = [json.loads((p / "run_summary.json").read_text())["dpo"]["curves"][-1]["rewards/margins"]
+               for p in (whole, resumed)]
+    assert margins[0] == pytest.approx(margins[1], abs=1e-5)
