@@ -153,6 +153,16 @@ def _results(summary: dict, metrics: dict) -> str:
             if isinstance(metrics.get(key), (int, float)):
                 lines.append(f"| {label} | {metrics[key]:.3f} |")
         lines.append("")
+    if isinstance(metrics.get("preference_accuracy"), dict):  # a DPO run (finetune.dpo.before_after)
+        pref, gen = metrics["preference_accuracy"], metrics.get("generation") or {}
+        lines.append(f"Preference tuning (DPO) from `{metrics.get('reference')}`; held-out split "
+                     f"`{metrics.get('split')}`, {metrics.get('n')} pairs:\n")
+        lines.append("| | before DPO | after DPO |\n|---|---|---|")
+        lines.append(f"| preference accuracy (chosen likelier than rejected) | {pref['before']:.3f} | "
+                     f"{pref['after']:.3f} |")
+        if gen:
+            lines.append(f"| generation {metrics.get('metric')} | {gen['before']:.3f} | {gen['after']:.3f} |")
+        lines.append("")
     if len(lines) == 1:
         lines.append("No evaluation was recorded for this run.\n")
     return "\n".join(lines)

@@ -51,6 +51,8 @@ def load_rows(path: str, split: str, max_samples: int | None = None, streaming: 
 
 
 ROW_ID = "row_id"
+#: The two replies of a preference row (data.format preference), kept beside its prompt `messages`.
+PAIR_KEYS = ("chosen", "rejected")
 
 
 def source_rows(cfg, split: str):
@@ -102,9 +104,10 @@ class RowReader:
         cfg = self.cfg
         videos = [load_video(ref, self.root, cfg.video_frames, cfg.video_fps, **self._image_options())
                   for ref in sample["videos"]]
+        pair = {key: sample[key] for key in PAIR_KEYS if key in sample}
         if self.videos_as_images and videos:
-            return frames_as_images(sample["messages"], images, videos)
-        return {"messages": sample["messages"], "images": images, "videos": videos}
+            return {**frames_as_images(sample["messages"], images, videos), **pair}
+        return {"messages": sample["messages"], "images": images, "videos": videos, **pair}
 
 
 def read_row(read, row: dict) -> tuple[dict, str | None]:
@@ -134,15 +137,16 @@ def chat_rows(rows, reader: RowReader):
     """Source rows (from `source_rows`) as chat rows, decoded on access; see `chat_dataset`."""
 
     def to_chat(batch: dict) -> dict:
-        out: dict[str, list] = {"messages": [], "images": [], "videos": [], ROW_ID: [], "problem": []}
+        keys = ("messages", "images", "videos") + PAIR_KEYS * (reader.cfg.format == "preference")
+        out: dict[str, list] = {**{key: [] for key in keys}, ROW_ID: [], "problem": []}
         for values in zip(*batch.values()):
             row = dict(zip(batch.keys(), values))
             row_id = row.pop(ROW_ID)
             sample, problem = read_row(reader.decoded, row)
             out[ROW_ID].append(row_id)
             out["problem"].append(problem)
-            for key in ("messages", "images", "videos"):
-                out[key].append(sample[key])
+            for key in keys:
+                out[key].append(sample.get(key, ""))
         return out
 
     return rows.with_transform(to_chat)
@@ -159,6 +163,23 @@ def rename_columns(rows, cfg, split: str):
     clashes = [ours for ours, theirs in cfg.columns.items() if ours in (rows.column_names or ()) and ours != theirs]
     rows = rows.remove_columns(clashes)  # the mapped column replaces a same-named one
     return rows.rename_columns({theirs: ours for ours, theirs in cfg.columns.items() if ours != theirs})
+
+
+def with_reply(sample: dict, key: str) -> dict:
+    """A preference row as the chat row of one of its replies (`chosen` or `rejected`): the prompt messages with
+    that reply as the final assistant turn, so it renders, measures and collates like any SFT row."""
+    reply = {"role": "assistant", "content": [{"type": "text", "text": sample[key]}]}
+    return {**{k: v for k, v in sample.items() if k not in PAIR_KEYS}, "messages": list(sample["messages"]) + [reply]}
+
+
+def measure_pair(measure, sample: dict) -> tuple[int, int]:
+    """`measure(chat row) -> (tokens, supervised tokens)` for a row; for a preference row, both replies are measured
+    and the pair counts as its longer sequence and its smaller supervised count (so it is dropped when either
+    reply does not fit, or either has nothing to score)."""
+    if PAIR_KEYS[0] not in sample:
+        return measure(sample)
+    (a, sa), (b, sb) = (measure(with_reply(sample, key)) for key in PAIR_KEYS)
+    return max(a, b), min(sa, sb)
 
 
 def frames_as_images(messages: list[dict], images: list, videos: list[list]) -> dict:

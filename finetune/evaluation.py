@@ -34,7 +34,9 @@ def examples(dataset, limit: int | None = None) -> list[Example]:
     out = []
     for i in range(len(dataset) if limit is None else min(limit, len(dataset))):
         sample = dataset[i]
-        if not sample["problem"]:
+        if sample.get("chosen") and not sample["problem"]:  # a preference row: its chosen reply is the answer
+            out.append(Example(sample["row_id"], sample["messages"], sample["images"], [sample["chosen"]]))
+        elif not sample["problem"]:
             out += row_examples(sample)
     return out
 

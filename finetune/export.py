@@ -141,6 +141,10 @@ def parity_rows(recipe: Recipe, samples: int) -> list[dict]:
         dataset = chat_dataset(recipe.data, split)
         rows = [row for row in (dataset[i] for i in range(min(4 * samples, len(dataset))))
                 if not row["problem"]][:samples]
+        if recipe.data.format == "preference":  # a DPO run: checked on the prompt with its chosen reply
+            from .data import with_reply
+
+            rows = [with_reply(row, "chosen") for row in rows]
     except (DataError, FileNotFoundError, ValueError) as e:
         raise ExportError(f"data.path: the parity check reads samples of the run's data (split '{split}') and "
                           f"could not: {e}; restore the data or skip the check (--no-parity / parity=False)") from e

@@ -170,8 +170,10 @@ def cauldron(row: dict, system_prompt: str | None) -> dict:
     return {"messages": messages, "images": images, "videos": []}
 
 
-def messages(row: dict, system_prompt: str | None) -> dict:
-    """Rows already in chat form (`messages` + `images`), as TRL and llava-instruct-mix style datasets use."""
+def messages(row: dict, system_prompt: str | None, placeholders_first: bool = False) -> dict:
+    """Rows already in chat form (`messages` + `images`), as TRL and llava-instruct-mix style datasets use.
+    `placeholders_first`: messages without image parts get the row's images at the start of the first user turn
+    (TRL's conversational preference prompts often name no image part)."""
     out = []
     for m in _column(row, "messages"):
         if m.get("role") not in ("system", "user", "assistant"):
@@ -180,6 +182,10 @@ def messages(row: dict, system_prompt: str | None) -> dict:
         parts = [_text(content)] if isinstance(content, str) else [_part(p) for p in content]
         out.append({"role": m["role"], "content": parts})
     images, videos = list(row.get("images") or []), list(row.get("videos") or [])
+    if placeholders_first and images and not any(p["type"] == "image" for m in out for p in m["content"]):
+        first_user = next((m for m in out if m["role"] == "user"), None)
+        if first_user is not None:
+            first_user["content"][:0] = [{"type": "image"} for _ in images]
     for kind, refs in (("image", images), ("video", videos)):
         parts = sum(p["type"] == kind for m in out for p in m["content"])
         if parts != len(refs):
@@ -209,6 +215,46 @@ def video(row: dict, system_prompt: str | None) -> dict:
     return _chat(system_prompt, [{"type": "video"}, _text(question)], _column(row, "answer"), [], [clip])
 
 
+def preference(row: dict, system_prompt: str | None) -> dict:
+    """Preference pairs (DPO): `image` or `images`, `prompt` (a question, or TRL's conversational prompt: a list of
+    messages) or `messages`, and `chosen` / `rejected` replies (strings, or TRL's one-assistant-message lists).
+    RLAIF-V maps with `data.columns: {prompt: question}`.
+
+    The chat row's `messages` are the prompt (ending with a user turn); `chosen` and `rejected` are the two reply
+    texts, which finetune.dpo appends as the assistant turn."""
+    images = row.get("images")
+    if images is None and row.get("image") is not None:
+        images = [row["image"]]
+    images = list(images or [])
+    prompt = row.get("prompt")
+    if prompt is None:
+        prompt = _column(row, "messages")
+    if isinstance(prompt, str):
+        msgs = [{"role": "user", "content": [{"type": "image"} for _ in images] + [_text(prompt)]}]
+    else:
+        msgs = messages({"messages": prompt, "images": images}, None, placeholders_first=True)["messages"]
+    if not msgs or msgs[-1]["role"] != "user":
+        raise RowError("prompt does not end with a user turn", "the prompt's last message must be the user's")
+    if system_prompt and msgs[0]["role"] != "system":
+        msgs = _system(system_prompt) + msgs
+    return {"messages": msgs, "images": images, "videos": [],
+            "chosen": _reply(row, "chosen"), "rejected": _reply(row, "rejected")}
+
+
+def _reply(row: dict, column: str) -> str:
+    value = _column(row, column)
+    if isinstance(value, list):  # TRL's conversational form: [{"role": "assistant", "content": ...}]
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise RowError(f"malformed {column}", f"column '{column}' must be a reply text or one assistant message")
+        content = value[0].get("content")
+        value = content if isinstance(content, str) else "".join(
+            p.get("text") or "" for p in content if p.get("type") == "text")
+    text = str(value).strip()
+    if not text:
+        raise RowError(f"empty {column}", f"column '{column}' is empty")
+    return text
+
+
 FORMATS: dict[str, Callable[[dict, str | None], dict]] = {
     "chartqa": chartqa,
     "vqa": vqa,
@@ -217,6 +263,7 @@ FORMATS: dict[str, Callable[[dict, str | None], dict]] = {
     "cauldron": cauldron,
     "messages": messages,
     "video": video,
+    "preference": preference,
 }
 
 #: The columns each format reads; `data.columns` maps these names to a dataset's own.
@@ -228,4 +275,5 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "cauldron": ("images", "texts"),
     "messages": ("messages", "images", "videos"),
     "video": ("video", "frames", "question", "prompt", "answer"),
+    "preference": ("image", "images", "prompt", "messages", "chosen", "rejected"),
 }

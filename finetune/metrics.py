@@ -99,4 +99,5 @@ METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
 }
 
 #: The metric each data format is scored with by default.
-DEFAULT_METRIC = {"chartqa": "relaxed_accuracy", "vqa": "vqa_accuracy", "docvqa": "anls"}
+DEFAULT_METRIC = {"chartqa": "relaxed_accuracy", "vqa": "vqa_accuracy", "docvqa": "anls",
+                  "preference": "relaxed_accuracy"}  # against the chosen reply

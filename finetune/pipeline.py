@@ -68,7 +68,10 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
     if run.trainer.is_world_process_zero():
         save(run, result, out, started, throughput, decode_failures)
         if run.eval_data is not None and recipe.evaluation.enabled:
-            from .evaluation import before_after
+            if recipe.training.method == "dpo":
+                from .dpo import before_after
+            else:
+                from .evaluation import before_after
 
             before_after(run, out)
         if recipe.export.merge or recipe.export.push_to_hub:
@@ -79,7 +82,8 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
 
 
 def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
-    """Load processor, data (scanned), model and adapters, and build the SFTTrainer. `resume_step`: the step of
+    """Load processor, data (scanned), model and adapters, and build the trainer (SFT, or DPO: finetune.dpo).
+    `resume_step`: the step of
     the checkpoint a run resumes from (a stream continues from the batch after it)."""
     # Processor first: it is cheap, and the data scan needs it before any weights are read.
     model_path, family, processor, collator = load_processing(recipe)
@@ -110,8 +114,16 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
 
     model = load_model(model_path, recipe.model, recipe.quantization, family)
     lora = plan_lora(model, family, recipe.lora)
+    peft_config = lora.peft_config(recipe.lora)
+    if recipe.model.adapter:  # continue training a run's adapter (its own LoRA settings) instead of a fresh one
+        from .dpo import continue_from
 
-    from .trainer import Trainer
+        model, peft_config = continue_from(model, recipe.model.adapter, recipe.model.name_or_path), None
+
+    if recipe.training.method == "dpo":
+        from .dpo import DPOTrainer as Trainer
+    else:
+        from .trainer import Trainer
 
     trainer = Trainer(
         model=model,
@@ -124,7 +136,7 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
         eval_dataset=eval_data,
         data_collator=collator,
         processing_class=processor,
-        peft_config=lora.peft_config(recipe.lora),
+        peft_config=peft_config,
     )
     trainable = trainable_by_group(trainer.model, family)
     log("trainable parameters: " + ", ".join(f"{g} {n:,}" for g, n in trainable.items() if n))
@@ -140,6 +152,10 @@ def load_processing(recipe: Recipe) -> tuple[str, Family, object, ChatCollator]:
     """Model path, family, processor (with the recipe's image settings) and the training collator."""
     model_path, family = load_family(recipe.model)
     processor = load_processor(model_path, recipe.model, recipe.data.image_processor, family)
+    if recipe.training.method == "dpo":
+        from .dpo import PreferenceCollator
+
+        return model_path, family, processor, PreferenceCollator(processor, family)
     return model_path, family, processor, ChatCollator(processor, family)
 
 
@@ -163,6 +179,12 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
     """Adapter + processor (everything inference needs), the resolved recipe, summary and loss curve."""
     trainer = run.trainer
     trainer.save_model(str(out))
+    dpo = run.recipe.training.method == "dpo"
+    if dpo:
+        from . import dpo as preference
+
+        preference.save_adapter_cleanup(out)
+        preference.plot_curves(trainer.state.log_history, out / "dpo_curves.png", title="DPO")
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml records the same, as text
     run.processor.save_pretrained(str(out))
     write_recipe(run.recipe, out)
@@ -189,6 +211,8 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
         # Measured over the batches actually trained (all processes), not estimated from the dataset size.
         "throughput": throughput,
         "health": trainer.health.summary(),
+        **({"method": "dpo", "start_adapter": run.recipe.model.adapter,
+            "dpo": preference.summary(trainer.state.log_history)} if dpo else {}),
     }, out)
     loss = (f"loss {points[0][1]:.4f} -> {points[-1][1]:.4f}" if points
             else f"mean loss {result.training_loss:.4f} (no step logged: lower training.logging_steps)")

@@ -27,6 +27,12 @@ def check(recipe: Recipe | str | dict, overrides: Sequence[str] = (), show_label
     for i in result.kept[:show_labels]:
         sample = dataset[i]
         batch = collator([sample])
+        if "completion_mask" in batch:  # DPO: the chosen, then the rejected sequence; [[...]] enter the log-probs
+            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+            for k, name in enumerate(("chosen", "rejected")):
+                print(f"\n--- row {sample['row_id']} ({name}): tokens in [[...]] enter the DPO log-probs ---")
+                print(mark_labels(processor.tokenizer, batch["input_ids"][k].tolist(), labels[k].tolist()))
+            continue
         print(f"\n--- row {sample['row_id']}: tokens in [[...]] carry loss ---")
         print(mark_labels(processor.tokenizer, batch["input_ids"][0].tolist(), batch["labels"][0].tolist()))
     return report

@@ -1,7 +1,8 @@
 """Recipes: YAML files loaded into one typed dataclass per section, validated before anything heavy is loaded.
 
 Every error names the dotted key (`lora.r: must be > 0, got 0`) and suggests the closest valid key for typos.
-The `training:` section takes `trl.SFTConfig` keys verbatim; `TrainingConfig` mirrors SFTConfig's fields.
+The `training:` section takes the trainer config's keys verbatim: `trl.SFTConfig`'s for `training.method: sft`
+(the default), `trl.DPOConfig`'s for `dpo`; `TrainingConfig` mirrors that class's fields.
 """
 
 from __future__ import annotations
@@ -47,10 +48,15 @@ class ModelConfig:
     #: evaluation, inference, merged exports and pushed repos render with it. None = the model's template, or for a
     #: checkpoint without one, finetune's documented template for its family (PaliGemma); otherwise an error.
     chat_template: str | None = None
+    #: A run folder (or adapter folder) of this base model whose LoRA adapter training continues from, e.g. an SFT
+    #: run as the start of a DPO recipe. Its adapter settings replace the `lora:` section.
+    adapter: str | None = None
 
     def validate(self) -> None:
         if self.chat_template is not None and not self.chat_template.strip():
             raise RecipeError("model.chat_template: empty; give a template file path or null")
+        if self.adapter is not None and not self.adapter.strip():
+            raise RecipeError("model.adapter: empty; give a run folder holding adapter_config.json, or null")
 
 
 @dataclass
@@ -269,8 +275,14 @@ class GuardsConfig:
 #: Learning rates LoRA fine-tuning uses in practice; outside it needs guards.allow_unusual_learning_rate.
 SANE_LEARNING_RATES = (1e-7, 1e-2)
 
-#: Keys of the `training:` section that finetune adds to SFTConfig's (never passed to SFTConfig).
+#: Training methods and the TRL config class whose keys `training:` takes for each.
+METHODS = {"sft": "SFTConfig", "dpo": "DPOConfig"}
+
+#: Keys of the `training:` section that finetune adds to the TRL config's (never passed to it).
 TRAINING_EXTENSIONS: list[tuple[str, Any, Any, str]] = [
+    ("method", Literal["sft", "dpo"], "sft",
+     "sft = supervised fine-tuning (trl.SFTConfig keys); dpo = preference tuning on data.format preference "
+     "(trl.DPOConfig keys)"),
     ("resume", str | None, None,
      "null = start fresh; auto = continue from the newest complete checkpoint in output_dir (fresh if none); "
      "or a checkpoint folder, which must be complete"),
@@ -297,6 +309,15 @@ RENAMED_TRAINING_KEYS = {
     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
 }
 
+# DPOConfig keys that would silently break multimodal training or finetune's label guarantees.
+REFUSED_DPO_KEYS = {
+    "padding_free": "padding-free batches are not supported for image datasets",
+    "precompute_ref_log_probs": "not supported for image datasets (TRL); the reference is computed per batch",
+    "sync_ref_model": "the reference is the base (adapter disabled), there is no reference model to sync",
+    "remove_unused_columns": "the collator needs the raw message columns",
+    "resume_from_checkpoint": "use training.resume (auto, or a checkpoint folder)",
+}
+
 # SFTConfig keys that would silently break multimodal training; refused with the reason.
 REFUSED_TRAINING_KEYS = {
     "packing": "packing is not supported for image datasets",
@@ -309,14 +330,21 @@ REFUSED_TRAINING_KEYS = {
 }
 
 
-@functools.cache
-def training_config_class() -> type:
-    """A dataclass with exactly `trl.SFTConfig`'s fields (same names, types, defaults) and no side effects."""
-    from trl import SFTConfig
+def trl_config_class(method: str = "sft") -> type:
+    import trl
 
-    hints = typing.get_type_hints(SFTConfig)
+    return getattr(trl, METHODS[method])
+
+
+@functools.cache
+def training_config_class(method: str = "sft") -> type:
+    """A dataclass with exactly the method's TRL config fields (`trl.SFTConfig` or `trl.DPOConfig`: same names,
+    types, defaults) plus finetune's extensions, and no side effects."""
+    config = trl_config_class(method)
+    hints = typing.get_type_hints(config)
+    names = {f.name for f in dataclasses.fields(config)}
     specs = []
-    for f in dataclasses.fields(SFTConfig):
+    for f in dataclasses.fields(config):
         if not f.init:
             continue
         default = TRAINING_DEFAULTS.get(f.name, f.default)
@@ -327,8 +355,9 @@ def training_config_class() -> type:
         else:
             spec = field(default=None)
         specs.append((f.name, hints.get(f.name, Any), spec))
-    specs += [(name, ann, field(default=default)) for name, ann, default, _ in TRAINING_EXTENSIONS]
-    return dataclasses.make_dataclass("TrainingConfig", specs)
+    # `method` keeps its default "sft" in both classes, so a dpo recipe always writes it out (recipe.yaml).
+    specs += [(name, ann, field(default=default)) for name, ann, default, _ in TRAINING_EXTENSIONS if name not in names]
+    return dataclasses.make_dataclass(f"TrainingConfig_{method}", specs)
 
 
 def _copy(value: Any) -> Any:
@@ -341,7 +370,7 @@ class Recipe:
     data: DataConfig
     lora: LoraConfig
     quantization: QuantizationConfig
-    #: `trl.SFTConfig` fields (see `training_config_class`).
+    #: `trl.SFTConfig` or `trl.DPOConfig` fields, per `training.method` (see `training_config_class`).
     training: Any
     export: ExportConfig
     evaluation: EvaluationConfig
@@ -350,10 +379,10 @@ class Recipe:
     source: Path | None = None
 
     def sft_config(self, **overrides: Any):
-        """The `trl.SFTConfig` for this recipe: only keys that differ from SFTConfig's defaults are passed."""
-        from trl import SFTConfig
-
-        defaults = {f.name: f for f in dataclasses.fields(SFTConfig) if f.init}
+        """The TRL config for this recipe (`trl.SFTConfig`, or `trl.DPOConfig` for `training.method: dpo`): only
+        keys that differ from its defaults are passed."""
+        config = trl_config_class(self.training.method)
+        defaults = {f.name: f for f in dataclasses.fields(config) if f.init}
         kwargs = {}
         for name, f in defaults.items():
             value = getattr(self.training, name)
@@ -363,7 +392,7 @@ class Recipe:
                 kwargs[name] = value
         kwargs.update(overrides)
         try:
-            return SFTConfig(**kwargs)
+            return config(**kwargs)
         except ValueError as e:
             hint = ""
             if "bf16" in str(e) or "fp16" in str(e):
@@ -373,7 +402,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """Only the values that differ from defaults for `training`; every field for the other sections."""
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS if name != "training"}
-        default_training = training_config_class()()
+        default_training = training_config_class(self.training.method)()
         out["training"] = {
             f.name: getattr(self.training, f.name)
             for f in dataclasses.fields(self.training)
@@ -463,11 +492,14 @@ def build_recipe(raw: dict) -> Recipe:
         if not isinstance(body, dict):
             raise RecipeError(f"{name}: expected a mapping of keys, got {type(body).__name__}")
         if name == "training":
+            method = body.get("method", "sft")
+            _check_choice("training.method", method, METHODS, what="method")
+            refused = REFUSED_TRAINING_KEYS if method == "sft" else REFUSED_DPO_KEYS
             for key in body:
-                if key in REFUSED_TRAINING_KEYS:
-                    raise RecipeError(f"training.{key}: not supported: {REFUSED_TRAINING_KEYS[key]}")
+                if key in refused:
+                    raise RecipeError(f"training.{key}: not supported: {refused[key]}")
             body = _renamed_training_keys(body)
-            cls = training_config_class()
+            cls = training_config_class(method)
         sections[name] = _build_section(cls, body, name)
     recipe = Recipe(**sections)
     _validate_combinations(recipe)
@@ -506,6 +538,16 @@ def _build_section(cls: type, body: dict, prefix: str) -> Any:
 
 
 def _validate_combinations(r: Recipe) -> None:
+    dpo = r.training.method == "dpo"
+    if dpo != (r.data.format == "preference"):
+        raise RecipeError(
+            "training.method: dpo trains on data.format preference (image(s), prompt, chosen, rejected)"
+            if dpo else "data.format: preference rows train with training.method: dpo")
+    if dpo and r.data.streaming:
+        raise RecipeError("data.streaming: not supported with training.method dpo")
+    if dpo and r.evaluation.every_n_steps:
+        raise RecipeError("evaluation.every_n_steps: not supported with training.method dpo (TRL logs reward "
+                          "margins and accuracies every training.logging_steps)")
     if r.model.trust_remote_code and not r.model.revision:
         raise RecipeError(
             "model.trust_remote_code: runs code downloaded with the model; pin model.revision to a commit hash "

@@ -220,7 +220,7 @@ def measure_list(rows: list[dict], reader, measurer, verify: str = "header") -> 
 
 def measure_batch(rows: list[dict], reader, measurer, verify: str) -> dict[str, list]:
     """Tokens, supervised tokens, media count and problem ("" if none) of each source row."""
-    from .data import ROW_ID, read_row
+    from .data import ROW_ID, measure_pair, read_row
 
     # header: sizes from file headers, lengths from the processor's formulas; decode: the collator itself.
     read, encode = (reader.sized, measurer.measure) if verify == "header" else (reader.decoded, measurer.collated)
@@ -235,7 +235,7 @@ def measure_batch(rows: list[dict], reader, measurer, verify: str) -> dict[str, 
         length = supervised = 0
         if not problem:
             try:
-                length, supervised = encode(sample)
+                length, supervised = measure_pair(encode, sample)
             except TemplateError as e:  # a conversation this chat template cannot lay out: that row, not the run
                 problem = f"template cannot render the conversation: {e}"
         out["length"].append(length)
@@ -248,7 +248,7 @@ def measure_batch(rows: list[dict], reader, measurer, verify: str) -> dict[str, 
 def self_check(rows, reader, measurer, measured: Measured) -> bool:
     """Collate a few measured rows for real (decoded images) and compare: a processor whose formulas the header
     path does not follow is caught here, on the user's own data, instead of mid-run."""
-    from .data import ROW_ID, read_row
+    from .data import ROW_ID, measure_pair, read_row
 
     candidates = [i for i in range(len(measured.problems)) if not measured.problems[i] and measured.media[i]]
     picked = candidates[:: max(1, len(candidates) // SELF_CHECK_ROWS)][:SELF_CHECK_ROWS]
@@ -259,7 +259,7 @@ def self_check(rows, reader, measurer, measured: Measured) -> bool:
         if problem:  # broken pixel data behind a good header: training drops it; nothing to compare
             continue
         sample[ROW_ID] = row_id
-        if measurer.collated(sample) != (int(measured.lengths[i]), int(measured.supervised[i])):
+        if measure_pair(measurer.collated, sample) != (int(measured.lengths[i]), int(measured.supervised[i])):
             return False
     return True
 

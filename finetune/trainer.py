@@ -1,4 +1,4 @@
-"""finetune's SFTTrainer: TRL's, with length-grouped batches from the scan, health guards and atomic checkpoints."""
+"""finetune's trainers: TRL's, with length-grouped batches from the scan, health guards and atomic checkpoints."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from .console import rounded
 from .guards import HealthMonitor, SaveOnInterrupt, refuse_nonfinite_weights
 
 
-class Trainer(SFTTrainer):
-    """`lengths` are the token counts the pre-flight scan measured, one per training sample, in dataset order.
+class Guarded:
+    """What finetune adds to a TRL trainer (mixed in before it: `class Trainer(Guarded, SFTTrainer)`).
+
+    `lengths` are the token counts the pre-flight scan measured, one per training sample, in dataset order.
 
     With `training.train_sampling_strategy: group_by_length`, transformers would read a length column of the
     dataset (decoding every image to build it) or guess from `input_ids`; the scan already knows the real lengths.
@@ -250,6 +252,10 @@ class Trainer(SFTTrainer):
             return super()._get_train_sampler(train_dataset)
         return EpochSeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                                lengths=self.lengths, seed=self.args.data_seed or self.args.seed)
+
+
+class Trainer(Guarded, SFTTrainer):
+    """finetune's SFTTrainer (finetune.dpo.DPOTrainer mixes the same into TRL's DPOTrainer)."""
 
 
 class NumericProgress(ProgressCallback):
