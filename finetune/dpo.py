@@ -194,10 +194,13 @@ def summary(log_history: list[dict]) -> dict:
 
 
 def plot_curves(log_history: list[dict], path: Path, title: str) -> None:
-    """Reward margin and reward accuracy per logged step (PIL, like the loss curve)."""
-    from .report import plot_loss
+    """Reward margin with reward accuracy on a second axis, and the chosen/rejected log-probs, per logged step."""
+    from .plots import Line, Panel, panels_figure, series
 
-    rows = [e for e in log_history if "step" in e and "rewards/margins" in e]
-    margins = [(e["step"], e["rewards/margins"]) for e in rows]
-    accuracy = ("rewards/accuracies", [(e["step"], e["rewards/accuracies"]) for e in rows])
-    plot_loss(margins, path, title=f"{title}: reward margin (blue)", metric=accuracy)
+    margins = Panel("reward margin (chosen - rejected)", [Line("margin", series(log_history, "rewards/margins"),
+                                                                smooth=True)],
+                    right=[Line("reward accuracy", series(log_history, "rewards/accuracies"))],
+                    right_label="reward accuracy", right_limits=(-0.02, 1.02))
+    logps = Panel("log-prob of the reply", [Line("chosen", series(log_history, "logps/chosen")),
+                                             Line("rejected", series(log_history, "logps/rejected"))])
+    panels_figure(path, [margins, logps], title)
