@@ -27,7 +27,7 @@ def dpo_recipe(tmp_path, *extra, data=None, **training):
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "training": {"method": "dpo", "output_dir": str(tmp_path / "dpo"), "max_steps": 4, "beta": 0.5,
                      "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1,
-                     "save_strategy": "no", "bf16": False, "gradient_checkpointing": False, "seed": 0,
+                     "save_strategy": "no", "bf16": False, "activation_checkpointing": False, "seed": 0,
                      "dataloader_num_workers": 0, **training},
         "evaluation": {"limit": 8, "batch_size": 4, "max_new_tokens": 4},
     }, list(extra))
