@@ -303,11 +303,21 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "gradient_checkpointing": None,
 }
 
-#: SFTConfig keys transformers 5 renamed (the old names warn and go in v6): read under the new name.
+#: SFTConfig keys transformers 5 renamed (the old names warn and go in v6): read under the new name. Recipes always
+#: use the new names; on a transformers without them (5.17 has only `gradient_checkpointing`) finetune passes them
+#: to TRL under the old ones (`trl_name`).
 RENAMED_TRAINING_KEYS = {
     "gradient_checkpointing": "activation_checkpointing",
     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
 }
+
+
+def trl_name(config: type, name: str) -> str:
+    """The name the installed TRL config has for recipe key `name` (old transformers: the pre-rename one)."""
+    if name in {f.name for f in dataclasses.fields(config)}:
+        return name
+    old = {new: old for old, new in RENAMED_TRAINING_KEYS.items()}.get(name)
+    return old if old is not None else name
 
 # DPOConfig keys that would silently break multimodal training or finetune's label guarantees.
 REFUSED_DPO_KEYS = {
@@ -343,18 +353,20 @@ def training_config_class(method: str = "sft") -> type:
     config = trl_config_class(method)
     hints = typing.get_type_hints(config)
     names = {f.name for f in dataclasses.fields(config)}
+    renamed = {old: new for old, new in RENAMED_TRAINING_KEYS.items() if new not in names}  # old transformers
+    defaults = {k: v for k, v in TRAINING_DEFAULTS.items() if k in names and k not in renamed}
     specs = []
     for f in dataclasses.fields(config):
         if not f.init:
             continue
-        default = TRAINING_DEFAULTS.get(f.name, f.default)
-        if f.name in TRAINING_DEFAULTS or f.default is not dataclasses.MISSING:
+        default = defaults.get(f.name, f.default)
+        if f.name in defaults or f.default is not dataclasses.MISSING:
             spec = field(default_factory=lambda d=default: _copy(d))
         elif f.default_factory is not dataclasses.MISSING:
             spec = field(default_factory=f.default_factory)
         else:
             spec = field(default=None)
-        specs.append((f.name, hints.get(f.name, Any), spec))
+        specs.append((renamed.get(f.name, f.name), hints.get(f.name, Any), spec))
     # `method` keeps its default "sft" in both classes, so a dpo recipe always writes it out (recipe.yaml).
     specs += [(name, ann, field(default=default)) for name, ann, default, _ in TRAINING_EXTENSIONS if name not in names]
     return dataclasses.make_dataclass(f"TrainingConfig_{method}", specs)
@@ -383,9 +395,10 @@ class Recipe:
         keys that differ from its defaults are passed."""
         config = trl_config_class(self.training.method)
         defaults = {f.name: f for f in dataclasses.fields(config) if f.init}
+        ours = {trl_name(config, f.name): f.name for f in dataclasses.fields(self.training)}
         kwargs = {}
         for name, f in defaults.items():
-            value = getattr(self.training, name)
+            value = getattr(self.training, ours.get(name, name))
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             if value != default:

@@ -115,7 +115,9 @@ def trained(tmp_path_factory):
     facts = {"device": str(next(model.parameters()).device), "args_device": str(run.trainer.args.device),
              "bf16": run.trainer.args.bf16, "base_dtype": str(model.get_input_embeddings().weight.dtype),
              "adapter_dtype": str(next(p for n, p in model.named_parameters() if "lora_" in n).dtype),
-             "gradient_checkpointing": bool(model.base_model.model.is_activation_checkpointing)}
+             # transformers 5.24's name; 5.17 (the GPU machine) has only is_gradient_checkpointing
+             "gradient_checkpointing": bool(getattr(model.base_model.model, "is_activation_checkpointing", None)
+                                            or model.base_model.model.is_gradient_checkpointing)}
     del run, model
     if CUDA:
         torch.cuda.empty_cache()

@@ -148,7 +148,9 @@ def test_shipped_recipes_build_their_sft_config_without_deprecation_warnings(pat
     deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert deprecations == []
     expected = parse_yaml(path.read_text())["training"].get("activation_checkpointing", True)
-    assert config.activation_checkpointing is expected and config.gradient_checkpointing is expected
+    # transformers 5.24 has both names (one an alias); 5.17 only gradient_checkpointing.
+    assert getattr(config, "activation_checkpointing", expected) is expected
+    assert config.gradient_checkpointing is expected
 
 
 def test_deprecated_training_key_names_are_read_under_their_current_names():
