@@ -175,8 +175,9 @@ def test_dpo_trainer_scores_exactly_the_completion_tokens(tmp_path):
     model.eval()
     rows = [run.train_data[i] for i in range(3)]
     batch = trainer.data_collator(rows)
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    device = next(model.parameters()).device  # the trainer placed the model (a GPU where there is one)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100).to(device)
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "completion_mask"}
     with torch.no_grad():
         trl_policy = model(**inputs, labels=labels, fused_lm_head=True).log_probs.sum(1)
         with reference(model):
@@ -184,8 +185,8 @@ def test_dpo_trainer_scores_exactly_the_completion_tokens(tmp_path):
         with model.disable_adapter():
             base_chosen, base_rejected = pair_logps(model, trainer.data_collator, rows)
     chosen, rejected = pair_logps(model, trainer.data_collator, rows)
-    torch.testing.assert_close(trl_policy, torch.cat([chosen, rejected]), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(trl_ref, torch.cat([base_chosen, base_rejected]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(trl_policy, torch.cat([chosen, rejected]).to(device), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(trl_ref, torch.cat([base_chosen, base_rejected]).to(device), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(trl_policy, trl_ref)
 
 
