@@ -341,11 +341,11 @@ class ChatCollator:
         good = [row for row in rows if not row.get("problem")]
         dropped = [(row.get("row_id"), row["problem"]) for row in rows if row.get("problem")]
         if good:
-            batch = self.encode_rows(good)
+            batch = self.encode_batch(good)
             self._stand_in = good[:1]
         elif getattr(self, "_stand_in", None):
-            batch = self.encode_rows(self._stand_in)
-            batch["labels"][:] = IGNORE_INDEX
+            batch = self.encode_batch(self._stand_in)
+            self.unsupervise(batch)
             batch["skip_batch"] = True
         else:
             raise DataError("no row of this batch could be loaded: " + "; ".join(
@@ -353,6 +353,14 @@ class ChatCollator:
         if dropped:
             batch["dropped_rows"] = dropped
         return batch
+
+    def encode_batch(self, rows: list[dict]) -> dict:
+        """The training batch of rows that all loaded (a subclass encodes its own kind of row here)."""
+        return self.encode_rows(rows)
+
+    def unsupervise(self, batch: dict) -> None:
+        """Nothing in `batch` carries loss (a stand-in batch)."""
+        batch["labels"][:] = IGNORE_INDEX
 
     def encode_rows(self, rows: list[dict]) -> dict:
         """Padded tensors with assistant-only labels for rows whose images are decoded."""

@@ -20,7 +20,6 @@ copy is not saved with the run (`save_adapter`).
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 import trl
 
 from .collate import IGNORE_INDEX, ChatCollator
-from .data import PAIR_KEYS, DataError, with_reply
+from .data import PAIR_KEYS, with_reply
 from .trainer import Guarded
 
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of a starting adapter
@@ -40,22 +39,11 @@ class PreferenceCollator(ChatCollator):
     """Preference rows (`messages` = the prompt, `images`, `chosen`, `rejected`) -> one batch of 2n sequences with
     `completion_mask` (1 on the reply's tokens and end-of-turn only)."""
 
-    def __call__(self, rows: list[dict]) -> dict:
-        good = [row for row in rows if not row.get("problem")]
-        dropped = [(row.get("row_id"), row["problem"]) for row in rows if row.get("problem")]
-        if good:
-            batch = self.encode_pairs(good)
-            self._stand_in = good[:1]
-        elif getattr(self, "_stand_in", None):  # nothing decodable: a stand-in that every rank skips (as for SFT)
-            batch = self.encode_pairs(self._stand_in)
-            batch["completion_mask"][:] = 0
-            batch["skip_batch"] = True
-        else:
-            raise DataError("no row of this batch could be loaded: " + "; ".join(
-                f"row {row_id}: {problem}" for row_id, problem in dropped))
-        if dropped:
-            batch["dropped_rows"] = dropped
-        return batch
+    def encode_batch(self, rows: list[dict]) -> dict:
+        return self.encode_pairs(rows)
+
+    def unsupervise(self, batch: dict) -> None:
+        batch["completion_mask"][:] = 0
 
     def encode_pairs(self, rows: list[dict]) -> dict:
         chats = [with_reply(row, key) for key in PAIR_KEYS for row in rows]  # all chosen, then all rejected
@@ -139,7 +127,7 @@ def preference_accuracy(model, collator, rows, batch_size: int = 8) -> dict:
 def before_after(run, out: Path) -> dict:
     """Reference (base, or the starting adapter) vs the DPO-trained policy on the held-out split: preference
     accuracy, and generation accuracy with the chosen reply as the reference answer. Writes eval/ and report.md."""
-    from .evaluation import examples, generation_target, metric_for, score
+    from .evaluation import examples, generation_target, metric_for, score, write_eval
 
     cfg = run.recipe.evaluation
     model = run.trainer.model
@@ -161,12 +149,7 @@ def before_after(run, out: Path) -> dict:
               "preference_accuracy": {"before": pref_before["accuracy"], "after": pref_after["accuracy"]},
               "logp_margin": {"before": pref_before["mean_margin"], "after": pref_after["mean_margin"]},
               "metric": metric, "generation": {"before": gen_before, "after": gen_after}}
-    eval_dir = out / "eval"
-    eval_dir.mkdir(exist_ok=True)
-    with open(eval_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    (eval_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_eval(out, records, result)
     table = (f"| held-out ({result['split']}, n={len(items)}) | before: {start} | after DPO |\n|---|---|---|\n"
              f"| preference accuracy (chosen likelier) | {pref_before['accuracy']:.3f} | "
              f"{pref_after['accuracy']:.3f} |\n"

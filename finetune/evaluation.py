@@ -41,6 +41,16 @@ def examples(dataset, limit: int | None = None) -> list[Example]:
     return out
 
 
+def write_eval(out: Path, records: list[dict], result: dict) -> None:
+    """`eval/predictions.jsonl` (one record per scored answer) and `eval/metrics.json` in the run folder."""
+    eval_dir = out / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    with open(eval_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    (eval_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
 def row_examples(sample: dict) -> list[Example]:
     """One Example per assistant turn of a chat row, each with the images and videos its prompt places."""
     messages = sample["messages"]
@@ -269,12 +279,7 @@ def before_after(run, out: Path) -> dict:
     split = run.recipe.data.eval_split
     result = {"metric": metric, "split": split, "n": len(items), "base": base, "tuned": tuned, **baselines,
               "breakdown": breakdown(base_records, records, *grouping(run.recipe, split, records))}
-    eval_dir = out / "eval"
-    eval_dir.mkdir(exist_ok=True)
-    with open(eval_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    (eval_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_eval(out, records, result)
     # The headline numbers go to the run's trackers (report_to) too, beside the during-training metric.
     run.trainer.log({f"eval_{metric}_base": base, f"eval_{metric}_tuned": tuned})
     table = write_report(out, run, result, records)
