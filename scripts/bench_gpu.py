@@ -604,7 +604,7 @@ def recipe_memory(args, device: torch.device) -> dict:
         losses = [e["loss"] for e in run.trainer.state.log_history if "loss" in e]
     out = {"recipe": args.recipe_memory, "model": name, "preset": args.preset, "device": device_name(device),
            "max_length": t.max_length, "batch": t.per_device_train_batch_size,
-           "gradient_checkpointing": t.activation_checkpointing,  # the recipe's name on every transformers "load_in_4bit": recipe.quantization.load_in_4bit,
+           "gradient_checkpointing": t.activation_checkpointing, "load_in_4bit": recipe.quantization.load_in_4bit,
            "optim": str(t.optim), "steps": run.trainer.state.global_step, "rows": rows,
            "sample_tokens": {"min": min(run.train_scan.lengths), "max": max(run.train_scan.lengths)},
            "calibrated_tokens": length, "train_s": round(seconds, 1), "losses": losses,
