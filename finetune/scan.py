@@ -77,30 +77,21 @@ class ScanReport:
 def scan(dataset, collator, max_length: int | None, on_too_long: str = "drop",
          on_bad_image: str = "drop") -> ScanReport:
     """The reference scan: each sample of a chat dataset decoded and encoded with the training collator, serially."""
-    report = ScanReport(rows=len(dataset))
-    dropped: dict[str, list[int]] = {}
+    row_ids, lengths, supervised, media, problems = [], [], [], [], []
     for i in range(len(dataset)):
         sample = dataset[i]
-        if sample["problem"]:
-            reason, _, detail = sample["problem"].partition(": ")
-            dropped.setdefault(reason, []).append(sample["row_id"])
-            report.examples.setdefault(reason, f"row {sample['row_id']}: {detail}")
-            continue
-        batch = collator([sample])
-        length = int(batch["attention_mask"].sum())
-        supervised = int((batch["labels"] != -100).sum())
-        if max_length is not None and length > max_length:
-            dropped.setdefault(f"longer than training.max_length={max_length}", []).append(sample["row_id"])
-        elif supervised == 0:
-            dropped.setdefault("no supervised tokens", []).append(sample["row_id"])
-        else:
-            report.kept.append(i)
-            report.kept_row_ids.append(sample["row_id"])
-            report.media.append(len(sample["images"]) + len(sample["videos"]))
-            report.lengths.append(length)
-            report.supervised_tokens += supervised
-    report.dropped = dropped
-    return refuse_or_report(report, max_length, on_too_long, on_bad_image)
+        length = labelled = 0
+        if not sample["problem"]:
+            batch = collator([sample])
+            length, labelled = int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum())
+        row_ids.append(sample["row_id"])
+        lengths.append(length)
+        supervised.append(labelled)
+        media.append(len(sample["images"]) + len(sample["videos"]))
+        problems.append(sample["problem"] or "")
+    measured = Measured(np.array(row_ids, np.int64), np.array(lengths, np.int32), np.array(supervised, np.int32),
+                        np.array(media, np.int16), problems)
+    return decide(measured, max_length, on_too_long, on_bad_image)
 
 
 def refuse_or_report(report: ScanReport, max_length: int | None, on_too_long: str, on_bad_image: str) -> ScanReport:
@@ -113,11 +104,11 @@ def refuse_or_report(report: ScanReport, max_length: int | None, on_too_long: st
             "data.on_bad_image=drop:\n" + "\n".join(
                 f"  {reason}: {len(ids)} rows (ids {ids[:10]}); e.g. {report.examples[reason]}"
                 for reason, ids in bad.items()))
-    too_long = [ids for reason, ids in dropped.items() if reason.startswith("longer")]
-    if too_long and on_too_long == "error":
+    longer = dropped.get(too_long(max_length))
+    if longer and on_too_long == "error":
         raise DataRefused(
-            f"{len(too_long[0])} samples are longer than training.max_length={max_length} after image expansion "
-            f"(row ids {too_long[0][:10]}); raise training.max_length, lower the image resolution, or set "
+            f"{len(longer)} samples are longer than training.max_length={max_length} after image expansion "
+            f"(row ids {longer[:10]}); raise training.max_length, lower the image resolution, or set "
             "data.on_too_long=drop"
         )
     if not report.kept:
@@ -220,7 +211,7 @@ def measure_list(rows: list[dict], reader, measurer, verify: str = "header") -> 
 
 def measure_batch(rows: list[dict], reader, measurer, verify: str) -> dict[str, list]:
     """Tokens, supervised tokens, media count and problem ("" if none) of each source row."""
-    from .data import ROW_ID, measure_pair, read_row
+    from .data import ROW_ID, read_row
 
     # header: sizes from file headers, lengths from the processor's formulas; decode: the collator itself.
     read, encode = (reader.sized, measurer.measure) if verify == "header" else (reader.decoded, measurer.collated)
@@ -234,15 +225,32 @@ def measure_batch(rows: list[dict], reader, measurer, verify: str) -> dict[str, 
     for sample, problem in read_rows:
         length = supervised = 0
         if not problem:
-            try:
-                length, supervised = measure_pair(encode, sample)
-            except TemplateError as e:  # a conversation this chat template cannot lay out: that row, not the run
-                problem = f"template cannot render the conversation: {e}"
+            length, supervised, problem = measure_sample(encode, sample)
         out["length"].append(length)
         out["supervised"].append(supervised)
         out["media"].append(len(sample["images"]) + len(sample["videos"]))
         out["problem"].append(problem or "")
     return out
+
+
+def measure_sample(encode, sample: dict) -> tuple[int, int, str | None]:
+    """(tokens, supervised tokens, None), or (0, 0, problem) for a conversation the chat template cannot lay out:
+    that row is dropped, not the run."""
+    from .data import measure_pair
+
+    try:
+        return (*measure_pair(encode, sample), None)
+    except TemplateError as e:
+        return 0, 0, f"template cannot render the conversation: {e}"
+
+
+def too_long(max_length: int | None) -> str:
+    """The drop reason of a sample longer than `training.max_length` (scan and stream alike)."""
+    return f"longer than training.max_length={max_length}"
+
+
+#: The drop reason of a sample with nothing for the assistant to learn.
+NO_SUPERVISED = "no supervised tokens"
 
 
 def self_check(rows, reader, measurer, measured: Measured) -> bool:
@@ -274,13 +282,13 @@ def decide(measured: Measured, max_length: int | None, on_too_long: str, on_bad_
             dropped.setdefault(reason, []).append(int(measured.row_ids[i]))
             report.examples.setdefault(reason, f"row {measured.row_ids[i]}: {detail}")
     usable = np.array([not p for p in measured.problems], dtype=bool)
-    too_long = usable & (measured.lengths > max_length) if max_length is not None else np.zeros_like(usable)
-    if too_long.any():
-        dropped[f"longer than training.max_length={max_length}"] = measured.row_ids[too_long].tolist()
-    empty = usable & ~too_long & (measured.supervised == 0)
+    longer = usable & (measured.lengths > max_length) if max_length is not None else np.zeros_like(usable)
+    if longer.any():
+        dropped[too_long(max_length)] = measured.row_ids[longer].tolist()
+    empty = usable & ~longer & (measured.supervised == 0)
     if empty.any():
-        dropped["no supervised tokens"] = measured.row_ids[empty].tolist()
-    kept = usable & ~too_long & ~empty
+        dropped[NO_SUPERVISED] = measured.row_ids[empty].tolist()
+    kept = usable & ~longer & ~empty
     report.kept = np.flatnonzero(kept).tolist()
     report.lengths = measured.lengths[kept].tolist()
     report.supervised_tokens = int(measured.supervised[kept].sum())

@@ -17,10 +17,9 @@ import random
 
 import torch
 
-from .collate import TemplateError
 from .data import ROW_ID, RowReader, load_rows, read_row, rename_columns
 from .formats import expand_captions
-from .scan import DataRefused
+from .scan import NO_SUPERVISED, DataRefused, measure_sample, too_long
 
 #: Batches are grouped by length within chunks of this many batches (as transformers' LengthGroupedSampler).
 GROUP_BATCHES = 16
@@ -104,15 +103,13 @@ class StreamingRows(torch.utils.data.IterableDataset):
         sample, problem = read_row(self.reader.sized, dict(row))
         if problem:
             return 0, problem
-        try:
-            length, supervised = self.measurer.measure(sample)
-        except TemplateError as e:
-            return 0, f"template cannot render the conversation: {e}"
+        length, supervised, problem = measure_sample(self.measurer.measure, sample)
+        if problem:
+            return 0, problem
         if self.max_length is not None and length > self.max_length:
-            return 0, (f"longer than training.max_length={self.max_length}: {length} tokens after image "
-                       "expansion")
+            return 0, f"{too_long(self.max_length)}: {length} tokens after image expansion"
         if supervised == 0:
-            return 0, "no supervised tokens: nothing for the assistant to learn"
+            return 0, f"{NO_SUPERVISED}: nothing for the assistant to learn"
         return length, None
 
     def grouped(self, buffer: list, rng: random.Random) -> list[list]:
