@@ -48,6 +48,14 @@ class Family:
     #: row has none and drops them from `aspect_ratio_ids`): such batches are encoded with their image rows first,
     #: padded as a missing image is padded, and put back in order (all its outputs are batch-first).
     image_rows_first: bool = False
+    #: Image tokens attend to their own image bidirectionally (Gemma 3's `token_type_ids` blocks).
+    bidirectional_images: bool = False
+    #: The position of a sequence's first token (PaliGemma counts from 1).
+    first_position: int = 0
+    #: Image inputs that come one row per sample, padded with all-zero images (Idefics3): regrouped per pack.
+    packed_row_inputs: tuple[str, ...] = ()
+    #: Why `training.packing` cannot be exact for this family ("" = it can; finetune.packing).
+    no_packing: str = ""
     notes: str = ""
 
     def quantization_skip(self) -> list[str]:
@@ -94,12 +102,14 @@ FAMILIES: dict[str, Family] = {
         name="Idefics3",
         decoder=r"model\.text_model", projector=r"model\.connector", vision=r"model\.vision_model",
         image_tokens=_IDEFICS_IMAGE, end_of_turn="<end_of_utterance>", image_expansion="tiles",
+        packed_row_inputs=("pixel_values", "pixel_attention_mask"),
         notes="Image splitting expands one image into row/column tiles plus a global image.",
     ),
     "smolvlm": Family(
         name="SmolVLM",
         decoder=r"model\.text_model", projector=r"model\.connector", vision=r"model\.vision_model",
         image_tokens=_IDEFICS_IMAGE, end_of_turn="<end_of_utterance>", image_expansion="tiles",
+        packed_row_inputs=("pixel_values", "pixel_attention_mask"),
         notes="Idefics3 architecture; processor needs the `num2words` package.",
     ),
     "qwen2_vl": Family(
@@ -124,7 +134,7 @@ FAMILIES: dict[str, Family] = {
         name="PaliGemma / PaliGemma 2",
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
         image_tokens=r"<image>", end_of_turn="<eos>", prefix_lm=True, processor_adds_bos_and_newline=True,
-        image_expansion="fixed", default_chat_template=PALIGEMMA_TEMPLATE,
+        image_expansion="fixed", first_position=1, default_chat_template=PALIGEMMA_TEMPLATE,
         notes="Not a chat model: the prefix (image + prompt) attends bidirectionally, answers causally. The hub "
               "checkpoints have no chat template; finetune's (PALIGEMMA_TEMPLATE) is used and saved with the run.",
     ),
@@ -133,6 +143,7 @@ FAMILIES: dict[str, Family] = {
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
         image_tokens=r"<start_of_image>|<end_of_image>|<image_soft_token>", end_of_turn="<end_of_turn>",
         projector_parameters=("model.multi_modal_projector.mm_input_projection_weight",), image_expansion="fixed",
+        bidirectional_images=True,
         notes="`processor.image_token_id` is <start_of_image>, not the soft token; the projector is a raw parameter.",
     ),
     "mllama": Family(
@@ -142,6 +153,9 @@ FAMILIES: dict[str, Family] = {
         # The hub template writes "Today Date: <today>" into a system preamble; pinned to the template's own
         # fallback date so a run renders the same prompt in training, evaluation and inference on any day.
         template_kwargs=(("date_string", "26 Jul 2024"),),
+        no_packing="text attends to images through cross-attention masks of a whole row, and transformers masks "
+                   "text that attends to no image only in the MLP: a packed sample without images would attend to "
+                   "the other samples' images",
         notes="Cross-attention model: <|image|> stays one token; the projector is itself a Linear. In a batch with "
               "images, transformers' cross-attention still adds attention over the batch's vision tokens to text "
               "that attends to no image (only the MLP is masked; Meta's reference masks both).",

@@ -87,6 +87,12 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
     the checkpoint a run resumes from (a stream continues from the batch after it)."""
     # Processor first: it is cheap, and the data scan needs it before any weights are read.
     model_path, family, processor, collator = load_processing(recipe)
+    packing = recipe.training.method == "sft" and recipe.training.packing
+    if packing:
+        from .packing import refusal
+
+        if reason := refusal(family, recipe.model.attn_implementation):
+            raise RecipeError(f"training.packing: not supported for {family.name}: {reason}")
     args = recipe.sft_config(**_runtime_overrides(recipe))
     # One process per machine scans (and caches); the others wait, then load the cached scan. `args.device` sets
     # up the process group first: without it the ranks do not know of each other yet and would all scan.
@@ -125,16 +131,26 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
     else:
         from .trainer import Trainer
 
+    lengths = None if recipe.data.streaming else train_scan.lengths
+    data_collator = collator
+    if packing:
+        from .packing import PackCollator, PackedRows, plan_packs
+
+        train_dataset = PackedRows(train_data, plan_packs(lengths, recipe.training.max_length), lengths)
+        data_collator, lengths = PackCollator(collator), train_dataset.lengths
+        log(f"train data: {train_dataset.describe(recipe.training.max_length)}")
+
     trainer = Trainer(
         model=model,
-        lengths=None if recipe.data.streaming else train_scan.lengths,
+        family=family,
+        lengths=lengths,
         # A stream's preview rows are checked again as they are read (and counted there).
         rows_dropped_in_scan=0 if recipe.data.streaming else train_scan.rows - len(train_scan.kept),
         health=HealthMonitor(recipe.guards.on_nonfinite, recipe.guards.grad_norm_spike),
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_data,
-        data_collator=collator,
+        data_collator=data_collator,
         processing_class=processor,
         peft_config=peft_config,
     )
@@ -204,7 +220,9 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
         "trainable_parameters": trainable_by_group(trainer.model, run.family),
         "lora_modules": {group: len(names) for group, names in run.lora.modules.items()},
         "lora_parameters": run.lora.parameters,
-        "train_data": {**run.train_scan.summary(), "dropped_in_training": decode_failures or {}},
+        "train_data": {**run.train_scan.summary(), "dropped_in_training": decode_failures or {},
+                       **({"packing": trainer.train_dataset.summary()} if hasattr(trainer.train_dataset, "packs")
+                          else {})},
         "eval_data": run.eval_scan.summary() if run.eval_scan else None,
         "wall_time_s": round(time.time() - started, 1),
         "train_runtime_s": result.metrics.get("train_runtime"),
@@ -250,6 +268,8 @@ def _runtime_overrides(recipe: Recipe) -> dict:
     # use_cpu is set; without it every process silently trains alone and they all write the same folder.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not recipe.training.use_cpu:
         overrides["use_cpu"] = True
+    if recipe.training.method == "sft" and recipe.training.packing:
+        overrides["packing"] = False  # finetune packs (finetune.packing); TRL's packing is for text rows
     if recipe.data.streaming:  # the stream skips what a resumed run trained (finetune.streaming), without decoding
         overrides["ignore_data_skip"] = True
     # Pinned memory only helps copies to an accelerator; without one torch warns on every dataloader.

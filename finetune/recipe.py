@@ -330,8 +330,7 @@ REFUSED_DPO_KEYS = {
 
 # SFTConfig keys that would silently break multimodal training; refused with the reason.
 REFUSED_TRAINING_KEYS = {
-    "packing": "packing is not supported for image datasets",
-    "padding_free": "padding-free batches are not supported for image datasets",
+    "padding_free": "use training.packing: true (samples packed whole, attention isolated per sample)",
     "assistant_only_loss": "finetune always trains on assistant tokens only (see `finetune check --show-labels`)",
     "completion_only_loss": "finetune always trains on assistant tokens only (see `finetune check --show-labels`)",
     "dataset_text_field": "rows are chat messages; there is no text field",
@@ -558,6 +557,15 @@ def _validate_combinations(r: Recipe) -> None:
             if dpo else "data.format: preference rows train with training.method: dpo")
     if dpo and r.data.streaming:
         raise RecipeError("data.streaming: not supported with training.method dpo")
+    if not dpo and r.training.packing:
+        if r.data.streaming:
+            raise RecipeError("training.packing: not supported with data.streaming (packs are planned from the "
+                              "pre-flight scan's lengths of every row)")
+        if r.training.packing_strategy != "bfd":
+            raise RecipeError(f"training.packing_strategy: {r.training.packing_strategy!r} is not supported; finetune "
+                              "packs whole samples (bfd): a sample split across rows would lose its images")
+        if r.training.max_length is None:
+            raise RecipeError("training.max_length: required with training.packing (the length of a packed row)")
     if dpo and r.evaluation.every_n_steps:
         raise RecipeError("evaluation.every_n_steps: not supported with training.method dpo (TRL logs reward "
                           "margins and accuracies every training.logging_steps)")

@@ -30,17 +30,20 @@ class Guarded:
     """
 
     def __init__(self, *args, lengths: list[int] | None = None, health: HealthMonitor | None = None,
-                 rows_dropped_in_scan: int = 0, **kwargs):
+                 rows_dropped_in_scan: int = 0, family=None, **kwargs):
+        from .packing import PackedRows
         from .streaming import StreamingRows
 
         stream = kwargs.get("train_dataset")
-        if isinstance(stream, StreamingRows):
+        if isinstance(stream, (StreamingRows, PackedRows)):
             # TRL accepts only `datasets` datasets and peeks at one sample (to see images); the stream is not one,
             # and peeking would read it. It is put in place once TRL is set up (get_train_dataloader serves it).
             import datasets
 
             kwargs["train_dataset"] = datasets.Dataset.from_dict({"images": [[]], "messages": [[]]})
         self.lengths = lengths
+        self.family = family  # finetune.families.Family: how packed batches are laid out
+        self._packed_tokens: int | None = None  # real tokens of the current packed batch (TRL counts positions)
         self.rows_dropped_in_scan = rows_dropped_in_scan  # reported with the loss, for trackers
         self.health = health or HealthMonitor("stop", None)
         self.interrupt = SaveOnInterrupt()
@@ -52,7 +55,7 @@ class Guarded:
         self._last_log: tuple[float, torch.Tensor] | None = None  # (time, all ranks' counts) at the previous log
         self._paused = 0.0  # seconds since then spent outside training (generation evals), not counted
         super().__init__(*args, **kwargs)
-        if isinstance(stream, StreamingRows):
+        if isinstance(stream, (StreamingRows, PackedRows)):
             self.train_dataset = stream
         self.add_callback(self.interrupt)
         if self.callback_handler.pop_callback(ProgressCallback) is not None:
@@ -66,9 +69,30 @@ class Guarded:
         self._skip_batch = self._take_dropped(inputs)
         # Counted where batches arrive (the collator may run in dataloader workers, whose counts would be lost).
         mask = inputs["attention_mask"]
+        counts = [mask.shape[0], int(mask.sum()), mask.numel()]
+        self._packed_tokens = None
+        if "pack_sizes" in inputs:
+            inputs = self.pack(model, inputs)
+            counts[2] = inputs["input_ids"].numel()
+            self._packed_tokens = counts[1]
         if not self._skip_batch:
-            self.seen += torch.tensor([mask.shape[0], int(mask.sum()), mask.numel()])
+            self.seen += torch.tensor(counts)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def pack(self, model, inputs: dict) -> dict:
+        """A collated batch of packs as packed rows (finetune.packing), laid out for this model's attention."""
+        from .packing import image_block_masks, pack_batch, rope_positions
+
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        one_row = str(base.config._attn_implementation).startswith("flash")  # the kernel packs batch size 1 only
+        tokens = int(inputs["attention_mask"].sum())
+        packed = pack_batch(inputs, self.family, self.processing_class.tokenizer.pad_token_id,
+                            rope_positions(base, inputs), one_row)
+        if self.family.bidirectional_images and "token_type_ids" in packed:
+            packed["attention_mask"] = image_block_masks(base.config.get_text_config(), packed,
+                                                         base.get_input_embeddings().weight.dtype, tokens)
+        return packed
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         self._take_dropped(inputs)
@@ -81,9 +105,15 @@ class Guarded:
         return bool(inputs.pop("skip_batch", False))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        counted = getattr(self, "_total_train_tokens", None)
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not model.training:
             return result
+        if self._packed_tokens is not None and counted is not None:
+            # TRL counts a batch without attention mask by its position ids' width; count the real tokens instead.
+            real = torch.tensor(self._packed_tokens, device=self.args.device)
+            self._total_train_tokens = counted + int(self.accelerator.gather_for_metrics(real).sum())
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         loss = result[0] if return_outputs else result
         # Checked before backward, so a NaN never reaches the gradients; all ranks agree on the verdict. A stand-in
         # batch (no row of it could be decoded) is skipped by every rank together, the same way.

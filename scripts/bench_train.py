@@ -1,13 +1,19 @@
 """Training throughput, side by side: the cookbook pipeline vs finetune's defaults, same model, data and seed.
 
-    python scripts/bench_train.py                  # zoo Qwen2-VL "bench" preset (~26M params), 160 samples
-    python scripts/bench_train.py --samples 64 --preset tiny --repeats 1   # a quick look
+    python scripts/bench_train.py                          # zoo Qwen2-VL "bench" preset, Qwen's 151,936 vocabulary
+    python scripts/bench_train.py --checkpointing off      # both sides without gradient checkpointing
+    python scripts/bench_train.py --samples 64 --preset tiny --vocab 0 --repeats 1   # a quick look
 
-(a) cookbook: TRL SFTTrainer with its default vision collator, random batches padded to the longest, TRL's
-    defaults (gradient checkpointing on), batch 8.
+The model is the zoo's Qwen2-VL at the `--preset` size (bench: hidden 512, 8 layers) with its embedding and LM head
+resized to `--vocab` rows (random weights), so the LM head costs what it costs at Qwen's real vocabulary.
+Gradient checkpointing is the same on every side (`--checkpointing`).
+
+(a) cookbook: TRL SFTTrainer with its default vision collator, random batches padded to the longest, batch 8.
 (b) finetune: finetune.pipeline.prepare() on a recipe with the same batch, learning rate and steps: assistant-only
-    labels, batches grouped by true length after image expansion (from the pre-flight scan), micro-batch 4 with
-    gradient accumulation 2 (same effective batch), gradient checkpointing off.
+    labels (the LM head then runs on those positions only: TRL's fused head), batches grouped by true length after
+    image expansion (from the pre-flight scan), micro-batch 4 with gradient accumulation 2 (same effective batch).
+(c) finetune packed: (b) with `training.packing: true`: samples packed whole into rows of `--pack-length` tokens,
+    one row per step (about as many samples per step as (a) and (b)).
 
 Each side runs in its own subprocess (so peak RSS is its own), `--repeats` times; the table shows medians.
 Both sides see every sample exactly once (one epoch). Training losses are over different tokens (the cookbook
@@ -83,9 +89,13 @@ class Meter:
         start = time.perf_counter()
         batch = self.collator(rows)
         self.seconds += time.perf_counter() - start
-        self.tokens += int(batch["attention_mask"].sum())
-        self.padded += batch["input_ids"].numel()
-        self.samples += len(rows)
+        tokens = batch["attention_mask"].sum(1)
+        self.tokens += int(tokens.sum())
+        self.samples += len(tokens)
+        if "pack_sizes" in batch:  # trained as packed rows (finetune.packing): each as long as the longest pack
+            self.padded += len(batch["pack_sizes"]) * max(int(t.sum()) for t in tokens.split(batch["pack_sizes"]))
+        else:
+            self.padded += batch["input_ids"].numel()
         return batch
 
     def __getattr__(self, name):  # the trainer may read collator attributes
@@ -108,6 +118,7 @@ def run_side(side: str, data: Path, model_path: str, args) -> dict:
             if "t" not in first_step:
                 first_step.update(t=time.perf_counter(), tokens=meter.tokens, samples=meter.samples)
 
+    checkpointing = args.checkpointing == "on"
     if side == "cookbook":
         from peft import LoraConfig
         from transformers import AutoModelForImageTextToText
@@ -124,7 +135,7 @@ def run_side(side: str, data: Path, model_path: str, args) -> dict:
         config = SFTConfig(output_dir=args.tmp + "/cookbook", per_device_train_batch_size=args.batch,
                            num_train_epochs=1, learning_rate=args.lr, logging_steps=1, save_strategy="no",
                            report_to="none", bf16=False, use_cpu=True, max_length=None, seed=args.seed,
-                           dataloader_num_workers=0, disable_tqdm=True)
+                           dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=checkpointing)
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                           target_modules=r"model\.language_model.*\.(q|k|v|o|gate|up|down)_proj")
         trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=processor,
@@ -133,6 +144,8 @@ def run_side(side: str, data: Path, model_path: str, args) -> dict:
         from finetune.pipeline import prepare
         from finetune.recipe import load_recipe
 
+        packed = {"packing": True, "max_length": args.pack_length, "per_device_train_batch_size": 1,
+                  "gradient_accumulation_steps": 1} if side == "packed" else {}
         recipe = load_recipe({
             "model": {"name_or_path": model_path, "dtype": "float32"},
             "data": {"path": str(data), "format": "messages"},
@@ -141,8 +154,9 @@ def run_side(side: str, data: Path, model_path: str, args) -> dict:
             "training": {"output_dir": args.tmp + "/finetune", "per_device_train_batch_size": args.batch // 2,
                          "gradient_accumulation_steps": 2, "num_train_epochs": 1, "learning_rate": args.lr,
                          "logging_steps": 1, "save_strategy": "no", "bf16": False, "seed": args.seed,
-                         "max_length": None, "activation_checkpointing": False, "dataloader_num_workers": 0,
-                         "train_sampling_strategy": "group_by_length", "disable_tqdm": True},
+                         "max_length": None, "activation_checkpointing": checkpointing,
+                         "dataloader_num_workers": 0, "train_sampling_strategy": "group_by_length",
+                         "disable_tqdm": True} | packed,
         })
         import finetune.pipeline
 
@@ -211,26 +225,33 @@ def main() -> int:
     p.add_argument("--max-pixels", type=int, default=448 * 448, help="image budget (up to 256 tokens per image)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpointing", choices=["on", "off"], default="on",
+                   help="gradient checkpointing, the same on every side (finetune's recipes keep it on)")
+    p.add_argument("--vocab", type=int, default=151936, help="LM head rows (0: the zoo tokenizer's ~1.5k)")
+    p.add_argument("--pack-length", type=int, default=2048, help="tokens per packed row, side (c)")
+    p.add_argument("--sides", default="cookbook,finetune,packed")
     p.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     from finetune import zoo
 
-    model_path = str(zoo.ensure("qwen2_vl", args.preset))
     if args.side:
-        print("RESULT " + json.dumps(run_side(args.side, Path(args.data), model_path, args)))
+        print("RESULT " + json.dumps(run_side(args.side, Path(args.data), args.model, args)))
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:
+        model_path = with_vocabulary(str(zoo.ensure("qwen2_vl", args.preset)), args.vocab, Path(tmp) / "model")
         data = make_data(Path(tmp) / "data", args.samples, args.seed)
-        results: dict[str, list[dict]] = {"cookbook": [], "finetune": []}
+        results: dict[str, list[dict]] = {side: [] for side in args.sides.split(",")}
         for repeat in range(args.repeats):
             for side in results:
                 cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--tmp", tmp,
-                       "--preset", args.preset, "--batch", str(args.batch), "--lr", str(args.lr),
-                       "--max-pixels", str(args.max_pixels), "--seed", str(args.seed)]
+                       "--model", model_path, "--preset", args.preset, "--batch", str(args.batch),
+                       "--lr", str(args.lr), "--max-pixels", str(args.max_pixels), "--seed", str(args.seed),
+                       "--checkpointing", args.checkpointing, "--pack-length", str(args.pack_length)]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "2"})
                 line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
                 if out.returncode or not line:
@@ -248,14 +269,39 @@ def main() -> int:
             ("fraction of time building batches", "data_wait", "{:.2f}"), ("peak RSS (GB)", "peak_rss_gb", "{:.2f}"),
             ("train loss (own labels)", "train_loss", "{:.3f}"), ("eval loss (assistant-only, same batch)",
                                                                    "eval_loss", "{:.3f}")]
-    print(f"\nqwen2_vl zoo preset '{args.preset}', {args.samples} samples, 1 epoch, batch {args.batch}, "
-          f"median of {args.repeats}\n")
-    print("| metric | cookbook (a) | finetune (b) | b/a |\n|---|---|---|---|")
+    vocab = f"vocabulary {args.vocab:,}" if args.vocab else "zoo vocabulary"
+    print(f"\nqwen2_vl zoo preset '{args.preset}', {vocab}, {args.samples} samples, 1 epoch, batch {args.batch}, "
+          f"gradient checkpointing {args.checkpointing} (all sides), median of {args.repeats}\n")
+    names = {"cookbook": "cookbook (a)", "finetune": "finetune (b)", "packed": "finetune packed (c)"}
+    sides = list(results)
+    base = sides[0]
+    print("| metric | " + " | ".join(names[s] for s in sides) + " | " +
+          " | ".join(f"{names[s].split()[-1]}/{names[base].split()[-1]}" for s in sides[1:]) + " |")
+    print("|---" * (2 * len(sides)) + "|")
     for name, key, fmt in rows:
-        a, b = med("cookbook", key), med("finetune", key)
-        print(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {b / a:.2f}x |" if a else
-              f"| {name} | {fmt.format(a)} | {fmt.format(b)} | |")
+        values = [med(s, key) for s in sides]
+        ratios = [f"{v / values[0]:.2f}x" if values[0] else "" for v in values[1:]]
+        print(f"| {name} | " + " | ".join(fmt.format(v) for v in values) + " | " + " | ".join(ratios) + " |")
+    for side in sides:
+        print(f"{names[side]} non-padding tokens/s per repeat: "
+              + ", ".join(f"{r['tokens_per_s']:.0f}" for r in results[side]))
     return 0
+
+
+def with_vocabulary(model_path: str, vocab: int, folder: Path) -> str:
+    """The checkpoint with its embedding and LM head resized to `vocab` rows (random), saved in `folder`."""
+    if not vocab:
+        return model_path
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32)
+    model.resize_token_embeddings(vocab, mean_resizing=False)
+    model.save_pretrained(folder)
+    AutoProcessor.from_pretrained(model_path).save_pretrained(folder)
+    (folder / "zoo.json").write_text((Path(model_path) / "zoo.json").read_text())  # finetune reads the family
+    return str(folder)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def test_python_object_tag_is_refused_not_executed(tmp_path):
     ("lora", {"r": "8"}, "lora.r: expected int, got str '8'"),
     ("lora", {"dropout": 1.5}, "lora.dropout: must be in [0, 1)"),
     ("training", {"per_device_train_batch_size": "eight"}, "training.per_device_train_batch_size: expected int"),
-    ("training", {"packing": True}, "training.packing: not supported"),
+    ("training", {"padding_free": True}, "training.padding_free: not supported: use training.packing"),
     ("training", {"max_length": 0}, "training.max_length: must be > 0"),
     ("data", {"path": "x", "format": "chartqq"}, "data.format: unknown value 'chartqq' (did you mean 'chartqa'?)"),
     ("data", {"path": "x", "on_too_long": "truncate"}, "data.on_too_long: expected one of 'drop', 'error'"),

@@ -54,6 +54,7 @@ def digest(folder: Path) -> dict[str, str]:
     (1, 2, {"train_sampling_strategy": "group_by_length"}),
     (3, 2, {"train_sampling_strategy": "group_by_length"}),
     (3, 1, {"qlora": True}),
+    (3, 1, {"packing": True, "max_length": 160}),  # 12 rows of ~53 tokens: 4 packs of 3, 2 steps per epoch
 ])
 def test_resume_after_sigkill_mid_save_equals_an_uninterrupted_run(tmp_path, kill_at, accumulation, extra, capsys):
     extra = dict(extra)
