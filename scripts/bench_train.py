@@ -13,7 +13,7 @@ Gradient checkpointing is the same on every side (`--checkpointing`).
     labels (the LM head then runs on those positions only: TRL's fused head), batches grouped by true length after
     image expansion (from the pre-flight scan), micro-batch 4 with gradient accumulation 2 (same effective batch).
 (c) finetune packed: (b) with `training.packing: true`: samples packed whole into rows of `--pack-length` tokens,
-    one row per step (about as many samples per step as (a) and (b)).
+    `--pack-rows` rows per step.
 
 Each side runs in its own subprocess (so peak RSS is its own), `--repeats` times; the table shows medians.
 Both sides see every sample exactly once (one epoch). Training losses are over different tokens (the cookbook
@@ -144,7 +144,7 @@ def run_side(side: str, data: Path, model_path: str, args) -> dict:
         from finetune.pipeline import prepare
         from finetune.recipe import load_recipe
 
-        packed = {"packing": True, "max_length": args.pack_length, "per_device_train_batch_size": 1,
+        packed = {"packing": True, "max_length": args.pack_length, "per_device_train_batch_size": args.pack_rows,
                   "gradient_accumulation_steps": 1} if side == "packed" else {}
         recipe = load_recipe({
             "model": {"name_or_path": model_path, "dtype": "float32"},
@@ -229,6 +229,7 @@ def main() -> int:
                    help="gradient checkpointing, the same on every side (finetune's recipes keep it on)")
     p.add_argument("--vocab", type=int, default=151936, help="LM head rows (0: the zoo tokenizer's ~1.5k)")
     p.add_argument("--pack-length", type=int, default=2048, help="tokens per packed row, side (c)")
+    p.add_argument("--pack-rows", type=int, default=1, help="packed rows per step, side (c)")
     p.add_argument("--sides", default="cookbook,finetune,packed")
     p.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -251,7 +252,8 @@ def main() -> int:
                 cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--tmp", tmp,
                        "--model", model_path, "--preset", args.preset, "--batch", str(args.batch),
                        "--lr", str(args.lr), "--max-pixels", str(args.max_pixels), "--seed", str(args.seed),
-                       "--checkpointing", args.checkpointing, "--pack-length", str(args.pack_length)]
+                       "--checkpointing", args.checkpointing, "--pack-length", str(args.pack_length),
+                       "--pack-rows", str(args.pack_rows)]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "2"})
                 line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
                 if out.returncode or not line:

@@ -181,3 +181,24 @@ def test_generation_after_training_on_the_device(trained, record):
     assert trained_loss < base_loss - 1.0, (trained_loss, base_loss)
     # The one-word answers of the 4 trained rows come back (4/4 on the CPU in float32; bf16 may lose one or two).
     assert sum(a == e for a, e in zip(answers, expected)) >= 2, (answers, expected)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_packed_rows_train_as_unpacked_on_the_gpu(attn, tmp_path, record):
+    """training.packing on the device: Qwen2.5-VL's packed rows give each sample its unpacked loss and the same
+    gradients (fp32 on SDPA; bf16 on flash-attention, where the packs share one row, so bf16 tolerances)."""
+    from finetune.pipeline import prepare
+    from test_packing import check_packing_is_exact
+    from test_training import tiny_recipe
+
+    flash = attn.startswith("flash")
+    if flash:
+        if not CUDA:
+            pytest.skip("flash-attention needs CUDA")
+        pytest.importorskip("flash_attn")
+    dtype = "bfloat16" if flash else "float32"
+    run = prepare(tiny_recipe("qwen2_5_vl", tmp_path, "training.packing=true", f"model.attn_implementation={attn}",
+                              f"model.dtype={dtype}"))
+    tolerance = ((2e-2, 2e-2), (5e-2, 1e-3)) if flash else ((1e-5, 1e-6), (1e-4, 1e-7))
+    relative = check_packing_is_exact(run, [2, 1], *tolerance)
+    record(attn=attn, dtype=dtype, loss_relative_difference=relative)
