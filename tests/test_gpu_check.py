@@ -28,7 +28,9 @@ def test_dry_run_passes_every_step_and_reports_its_figures(tmp_path):
     assert r["env"]["cuda"] is False and r["env"]["bnb_nf4"].startswith("relative error")
 
     tests = r["tests"]
-    assert len(tests) == 6 and {t["outcome"] for t in tests.values()} == {"passed"}, tests
+    flash = "test_packed_rows_train_as_unpacked_on_the_gpu[flash_attention_2]"
+    assert len(tests) == 8 and tests.pop(flash)["outcome"] == "skipped", tests  # flash-attention needs CUDA
+    assert {t["outcome"] for t in tests.values()} == {"passed"}, tests
     for family in ("qwen2_5_vl", "gemma3", "mllama"):
         figures = tests[f"test_qlora_nf4_quantizes_the_decoder_only[{family}]"]["figures"]
         assert figures["linear4bit"] > 0 and figures["vision_linear"] > 0 and figures["lm_head_dtype"] != "torch.uint8"
