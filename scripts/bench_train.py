@@ -84,6 +84,7 @@ class Meter:
 
     def __init__(self, collator):
         self.collator, self.tokens, self.padded, self.samples, self.seconds = collator, 0, 0, 0, 0.0
+        self.batches: list[tuple[int, int]] = []  # (samples, tokens) of each batch, in the order they were built
 
     def __call__(self, rows):
         start = time.perf_counter()
@@ -92,6 +93,7 @@ class Meter:
         tokens = batch["attention_mask"].sum(1)
         self.tokens += int(tokens.sum())
         self.samples += len(tokens)
+        self.batches.append((len(tokens), int(tokens.sum())))
         if "pack_sizes" in batch:  # trained as packed rows (finetune.packing): each as long as the longest pack
             self.padded += len(batch["pack_sizes"]) * max(int(t.sum()) for t in tokens.split(batch["pack_sizes"]))
         else:
@@ -113,10 +115,15 @@ def run_side(side: str, data: Path, model_path: str, args) -> dict:
     first_step = {}
 
     class FirstStep(TrainerCallback):
-        # Throughput is measured after the first optimizer step: that one also pays one-off lazy imports.
+        # Throughput is measured after the first optimizer step: that one also pays one-off lazy imports. What it
+        # trained is its first `gradient_accumulation_steps` batches, not what the meter has counted by now: the
+        # dataloader has already built the next batch (counting that would undercount sides with fewer, larger
+        # steps, such as packed rows).
         def on_step_end(self, a, state, control, **kw):
             if "t" not in first_step:
-                first_step.update(t=time.perf_counter(), tokens=meter.tokens, samples=meter.samples)
+                trained = meter.batches[:a.gradient_accumulation_steps]
+                first_step.update(t=time.perf_counter(), tokens=sum(t for _, t in trained),
+                                  samples=sum(n for n, _ in trained))
 
     checkpointing = args.checkpointing == "on"
     if side == "cookbook":
@@ -228,8 +235,8 @@ def main() -> int:
     p.add_argument("--checkpointing", choices=["on", "off"], default="on",
                    help="gradient checkpointing, the same on every side (finetune's recipes keep it on)")
     p.add_argument("--vocab", type=int, default=151936, help="LM head rows (0: the zoo tokenizer's ~1.5k)")
-    p.add_argument("--pack-length", type=int, default=2048, help="tokens per packed row, side (c)")
-    p.add_argument("--pack-rows", type=int, default=1, help="packed rows per step, side (c)")
+    p.add_argument("--pack-length", type=int, default=1024, help="tokens per packed row, side (c)")
+    p.add_argument("--pack-rows", type=int, default=2, help="packed rows per step, side (c)")
     p.add_argument("--sides", default="cookbook,finetune,packed")
     p.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     p.add_argument("--data", help=argparse.SUPPRESS)
