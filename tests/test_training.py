@@ -3,6 +3,7 @@
 import bitsandbytes as bnb
 import pytest
 import torch
+import trl.trainer.utils as trl_utils
 
 from conftest import ROOT
 from finetune import zoo
@@ -101,7 +102,14 @@ def test_the_lm_head_runs_only_where_the_loss_is_with_the_full_loss_and_gradient
         raise AssertionError("the LM head module ran: full (batch, length, vocabulary) logits were built")
 
     head.forward = full_logits  # the fused head reads the weight for the supervised positions only
-    fused = trainer.compute_loss(model, dict(batch))
+    projected = []  # rows of hidden states the fused head projected, per call
+    kernel = trl_utils._ChunkedLogProbFunction
+    trl_utils._ChunkedLogProbFunction = type("Spy", (), {"apply": lambda h, *a: projected.append(len(h))
+                                                        or kernel.apply(h, *a)})
+    try:
+        fused = trainer.compute_loss(model, dict(batch))
+    finally:
+        trl_utils._ChunkedLogProbFunction = kernel
     del head.forward
     fused_grads = torch.autograd.grad(fused, params)
 
@@ -114,6 +122,7 @@ def test_the_lm_head_runs_only_where_the_loss_is_with_the_full_loss_and_gradient
 
     supervised = int((labels != -100).sum())
     assert 0 < supervised < labels.numel() // 4, "most positions carry no loss"
+    assert projected == [supervised], "on the CPU too, the head projects the supervised positions only"
     assert torch.allclose(fused, full, rtol=1e-5, atol=1e-6), (fused.item(), full.item())
     for g_fused, g_full in zip(fused_grads, full_grads):
         assert torch.allclose(g_fused, g_full, rtol=1e-4, atol=1e-7)
