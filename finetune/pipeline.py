@@ -20,7 +20,7 @@ from .recipe import Recipe, RecipeError, load_recipe
 from .plots import training_figure
 from .report import loss_points, metric_points, write_recipe, write_summary
 from .lengths import Measurer
-from .scan import ScanReport, scan_rows
+from .scan import ScanReport, cache_dir, scan_rows
 from .sharding import refuse_text_only_rows_when_sharded, sharded_strategy
 
 
@@ -106,6 +106,11 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
         else:
             train_data, train_scan = scanned(recipe, recipe.data.train_split, family, collator)
             train_data = train_dataset = train_data.select(train_scan.kept)
+            if packing:  # planned (and stored) once per machine too: the other ranks load the plan
+                from .packing import PackedRows, cached_plan
+
+                packs = cached_plan(train_scan.lengths, recipe.training.max_length, cache_dir().parent / "packs")
+                train_dataset = PackedRows(train_data, packs, train_scan.lengths)
         eval_data = eval_scan = None
         if recipe.data.eval_split:
             eval_data, eval_scan = scanned(recipe, recipe.data.eval_split, family, collator)
@@ -134,9 +139,8 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
     lengths = None if recipe.data.streaming else train_scan.lengths
     data_collator = collator
     if packing:
-        from .packing import PackCollator, PackedRows, plan_packs
+        from .packing import PackCollator
 
-        train_dataset = PackedRows(train_data, plan_packs(lengths, recipe.training.max_length), lengths)
         data_collator, lengths = PackCollator(collator), train_dataset.lengths
         log(f"train data: {train_dataset.describe(recipe.training.max_length)}")
 

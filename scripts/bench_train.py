@@ -10,8 +10,9 @@ Gradient checkpointing is the same on every side (`--checkpointing`).
 
 (a) cookbook: TRL SFTTrainer with its default vision collator, random batches padded to the longest, batch 8.
 (b) finetune: finetune.pipeline.prepare() on a recipe with the same batch, learning rate and steps: assistant-only
-    labels (the LM head then runs on those positions only: TRL's fused head), batches grouped by true length after
-    image expansion (from the pre-flight scan), micro-batch 4 with gradient accumulation 2 (same effective batch).
+    labels (the LM head then projects those positions only: TRL's fused head, which finetune.trainer has score
+    them on the CPU too), batches grouped by true length after image expansion (from the pre-flight scan),
+    micro-batch 4 with gradient accumulation 2 (same effective batch).
 (c) finetune packed: (b) with `training.packing: true`: samples packed whole into rows of `--pack-length` tokens,
     `--pack-rows` rows per step.
 

@@ -6,7 +6,7 @@ import torch
 from conftest import image, two_turn
 from finetune import zoo
 from finetune.families import FAMILIES
-from finetune.packing import LayerMasks, PackedRows, plan_packs
+from finetune.packing import LayerMasks, PackedRows, cached_plan, plan_packs
 from finetune.pipeline import prepare
 from finetune.recipe import RecipeError, load_recipe
 from test_training import tiny_recipe
@@ -160,6 +160,18 @@ def test_packs_are_planned_best_fit_decreasing_and_hold_every_sample_once():
     assert plan_packs(lengths, 1000) == packs  # deterministic: a resumed run packs the same
     with pytest.raises(ValueError, match="sample 7 has 1000 tokens"):
         plan_packs(lengths, 999)
+
+
+def test_a_plan_is_stored_once_and_loaded_by_every_later_start(tmp_path, monkeypatch):
+    lengths = [700, 300, 500, 200, 900, 100, 400, 1000]
+    assert cached_plan(lengths, 1000, tmp_path) == plan_packs(lengths, 1000)
+    assert len(list(tmp_path.iterdir())) == 1
+    monkeypatch.setattr("finetune.packing.plan_packs", lambda *a: pytest.fail("planned again"))
+    assert cached_plan(lengths, 1000, tmp_path) == [[7], [4], [0, 1], [2, 5, 6], [3]]  # loaded, not planned
+    monkeypatch.undo()
+    assert cached_plan(lengths, 1100, tmp_path) != cached_plan(lengths, 1000, tmp_path)  # keyed by max_length
+    assert cached_plan(lengths[:-1], 1000, tmp_path) == plan_packs(lengths[:-1], 1000)  # and by the lengths
+    assert len(list(tmp_path.iterdir())) == 3
 
 
 def test_packed_rows_serve_packs_and_know_their_lengths():
