@@ -2,8 +2,8 @@
 to itself, with the positions, labels and image inputs it has when trained alone.
 
 How, for every family the same way (the per-family facts are fields of finetune.families.Family):
-1. `plan_packs`: the scan's lengths are packed best-fit-decreasing into packs once per run (deterministic, so a
-   resumed run sees the same packs); the trainer shuffles packs per epoch. A pack is one dataset item.
+1. `plan_packs`: the scan's lengths are packed best-fit-decreasing into packs once (deterministic, and stored by
+   `cached_plan`, so a resumed run and every rank see the same packs); the trainer shuffles packs per epoch. A pack is one dataset item.
 2. `PackCollator`: a batch of packs is collated as the samples it holds (the ordinary collator: same labels, same
    image tensors), plus how many samples each pack holds.
 3. `pack_batch` (on the device, in the training step): each sample's position ids are taken as the model itself
@@ -78,9 +78,13 @@ def plan_packs(lengths, max_length: int) -> list[list[int]]:
     return [sorted(pack) for pack in packs]
 
 
+#: Bump when plan_packs would plan the same lengths differently; stored plans of other versions are not used.
+PLAN_VERSION = "1"
+
+
 def cached_plan(lengths, max_length: int, folder: Path) -> list[list[int]]:
     """`plan_packs`, stored in `folder` under the lengths and max_length it was planned from: at 1M rows planning
-    takes seconds (4.2 s measured), and every start, resume and rank of a run needs the same plan."""
+    takes seconds (about 4 s measured), and every start, resume and rank of a run needs the same plan."""
     lengths = np.asarray(lengths, dtype=np.int64)
     key = hashlib.sha256(lengths.tobytes() + f"/{max_length}/{PLAN_VERSION}".encode()).hexdigest()[:32]
     path = folder / f"{key}.npz"
@@ -96,10 +100,6 @@ def cached_plan(lengths, max_length: int, folder: Path) -> list[list[int]]:
                  ends=np.cumsum([len(p) for p in packs], dtype=np.int64))
     os.replace(tmp, path)  # atomic: a process reading the plan never sees half of it
     return packs
-
-
-#: Bump when plan_packs would plan the same lengths differently; stored plans of other versions are not used.
-PLAN_VERSION = "1"
 
 
 class _Capacities:
