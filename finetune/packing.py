@@ -3,7 +3,8 @@ to itself, with the positions, labels and image inputs it has when trained alone
 
 How, for every family the same way (the per-family facts are fields of finetune.families.Family):
 1. `plan_packs`: the scan's lengths are packed best-fit-decreasing into packs once (deterministic, and stored by
-   `cached_plan`, so a resumed run and every rank see the same packs); the trainer shuffles packs per epoch. A pack is one dataset item.
+   `cached_plan`, so a resumed run and every rank see the same packs); the trainer shuffles packs per epoch. A pack
+   is one dataset item.
 2. `PackCollator`: a batch of packs is collated as the samples it holds (the ordinary collator: same labels, same
    image tensors), plus how many samples each pack holds.
 3. `pack_batch` (on the device, in the training step): each sample's position ids are taken as the model itself
