@@ -18,6 +18,7 @@ How, for every family the same way (the per-family facts are fields of finetune.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import os
@@ -239,6 +240,69 @@ def pack_batch(batch: dict, family: Family, pad_token_id: int, rope: torch.Tenso
             out[key] = pad_sequence([v.flatten(0, 1) for v in values.split(sizes)], batch_first=True)
     out.update(batch)  # per-image inputs: the samples' images stay in the same order
     return out
+
+
+def row_segments(batch: dict) -> list[list[int]]:
+    """Per packed row, the token counts of its samples in order, then of its padding (if any): the blocks its
+    attention mask is block-diagonal over. `batch`: a collated batch of packs, as `pack_batch` takes it."""
+    rows = [t.tolist() for t in batch["attention_mask"].sum(1).split(batch["pack_sizes"])]
+    length = max(sum(r) for r in rows)
+    return [r + [length - sum(r)] if sum(r) < length else r for r in rows]
+
+
+@contextlib.contextmanager
+def attention_per_sample(rows: list[list[int]], decoder: torch.nn.Module):
+    """SDPA attention for packed rows (`rows`: `row_segments`), one sample at a time.
+
+    A packed row's mask is block-diagonal (every sample sees only itself), but SDPA with a mask computes the whole
+    (row x row) score matrix and masks it: a 1024-token row of 6 samples does ~6x the attention work of its samples.
+    Within the context, the decoder's SDPA calls on these rows attend block by block with the same mask's diagonal
+    blocks: the same result (every off-diagonal entry is masked anyway), the work of the samples alone. Everything
+    else (the vision tower, any module outside `decoder`) goes to transformers' SDPA unchanged. Spans the backward
+    too: gradient checkpointing runs the attention again there."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    length = sum(rows[0])
+    in_decoder = {id(m) for m in decoder.modules()}
+    checked: dict[tuple, tuple[torch.Tensor, bool]] = {}  # a mask serves every layer: each block is checked once
+
+    def causal(block: torch.Tensor) -> bool:
+        """Whether the block is exactly causal (no bidirectional image or prefix block, no window cutting it)."""
+        where = (block.data_ptr(), block.shape, block.stride())
+        if where not in checked:
+            attends = block if block.dtype == torch.bool else block == 0
+            lower = torch.ones(block.shape[-2:], dtype=torch.bool, device=block.device).tril()
+            checked[where] = (block, bool((attends == lower).all()))  # keeps the block: its address stays its own
+        return checked[where][1]
+
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        if (id(module) not in in_decoder or attention_mask is None or query.shape[0] != len(rows)
+                or query.shape[2] != length or key.shape[2] != length):
+            return sdpa(module, query, key, value, attention_mask, **kwargs)
+        pieces = []
+        for b, blocks in enumerate(rows):
+            mask = attention_mask[b if attention_mask.shape[0] > 1 else 0][None]
+            start = 0
+            for n in blocks:
+                s = slice(start, start + n)
+                block = mask[..., s, s]
+                if causal(block):  # SDPA's causal kernel: no mask to read, nothing above the diagonal computed
+                    block = None
+                pieces.append(sdpa(module, query[b:b + 1, :, s], key[b:b + 1, :, s], value[b:b + 1, :, s],
+                                   block, **{**kwargs, "is_causal": block is None})[0])
+                start += n
+        return torch.cat(pieces, dim=1).view(len(rows), length, *pieces[0].shape[2:]), None
+
+    override = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = attend
+    try:
+        yield
+    finally:
+        if override is None:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+        else:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = override
 
 
 class LayerMasks(dict):

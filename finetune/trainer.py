@@ -71,28 +71,34 @@ class Guarded:
         mask = inputs["attention_mask"]
         counts = [mask.shape[0], int(mask.sum()), mask.numel()]
         self._packed_tokens = None
+        attention = contextlib.nullcontext()
         if "pack_sizes" in inputs:
-            inputs = self.pack(model, inputs)
+            inputs, attention = self.pack(model, inputs)
             counts[2] = inputs["input_ids"].numel()
             self._packed_tokens = counts[1]
         if not self._skip_batch:
             self.seen += torch.tensor(counts)
-        return super().training_step(model, inputs, num_items_in_batch)
+        with attention:
+            return super().training_step(model, inputs, num_items_in_batch)
 
-    def pack(self, model, inputs: dict) -> dict:
-        """A collated batch of packs as packed rows (finetune.packing), laid out for this model's attention."""
-        from .packing import image_block_masks, pack_batch, rope_positions
+    def pack(self, model, inputs: dict):
+        """A collated batch of packs as packed rows (finetune.packing), laid out for this model's attention; and the
+        context to train them in (on SDPA: attention one sample at a time)."""
+        from .packing import attention_per_sample, image_block_masks, pack_batch, rope_positions, row_segments
 
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        one_row = str(base.config._attn_implementation).startswith("flash")  # the kernel packs batch size 1 only
+        attn = str(base.config.get_text_config()._attn_implementation)
+        one_row = attn.startswith("flash")  # the kernel packs batch size 1 only
         tokens = int(inputs["attention_mask"].sum())
+        attention = (attention_per_sample(row_segments(inputs), base.get_decoder()) if attn == "sdpa"
+                     else contextlib.nullcontext())
         packed = pack_batch(inputs, self.family, self.processing_class.tokenizer.pad_token_id,
                             rope_positions(base, inputs), one_row)
         if self.family.bidirectional_images and "token_type_ids" in packed:
             packed["attention_mask"] = image_block_masks(base.config.get_text_config(), packed,
                                                          base.get_input_embeddings().weight.dtype, tokens)
-        return packed
+        return packed, attention
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         self._take_dropped(inputs)

@@ -1,5 +1,7 @@
 """`training.packing`: samples packed whole into rows train exactly as they do unpacked, in every family that packs."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -84,8 +86,9 @@ def check_packing_is_exact(run, sizes, loss_tolerance=(1e-5, 1e-6), grad_toleran
     batch = on_device(collate([samples[:sizes[0]], samples[sizes[0]:]] if len(sizes) == 2 else [samples]))
     assert batch["pack_sizes"] == sizes
     lengths = batch["attention_mask"].sum(1).tolist()
-    packed = trainer.pack(model, dict(batch))
-    if str(model.config._attn_implementation).startswith("flash"):
+    packed, per_sample = trainer.pack(model, dict(batch))
+    flash = str(model.config._attn_implementation).startswith("flash")
+    if flash:
         sizes = [sum(sizes)]
 
     # No padding mask: transformers isolates samples by the restarting positions (Gemma 3: finetune's masks).
@@ -96,36 +99,56 @@ def check_packing_is_exact(run, sizes, loss_tolerance=(1e-5, 1e-6), grad_toleran
     supervised = int((batch["labels"][:, 1:] != -100).sum())
     assert int((packed["labels"] != -100).sum()) == supervised  # the same tokens carry loss
 
-    # Each sample's loss, packed, equals its loss alone.
     alone = []
     for sample in samples:
         one = on_device(collate.collator([sample]))
         logits = model(**{k: v for k, v in one.items() if k != "labels"}, use_cache=False).logits[0]
         alone.append(sample_losses(logits, one["labels"][0], [0], [logits.shape[0]])[0])
-    logits = model(**{k: v for k, v in packed.items() if k != "labels"}, use_cache=False).logits
-    together = []
-    row_of = [r for r, n in enumerate(sizes) for _ in range(n)]
-    for i, r in enumerate(row_of):
-        start = sum(lengths[j] for j in range(i) if row_of[j] == r)
-        together.append(sample_losses(logits[r], packed["labels"][r], [start], [lengths[i]])[0])
-    rtol, atol = loss_tolerance
-    torch.testing.assert_close(torch.stack(together), torch.stack(alone), rtol=rtol, atol=atol)
-
-    # The trainer's loss (the LM head only where the loss is: TRL's fused head) and LoRA gradients: packed ==
-    # unpacked.
     params = [p for p in model.parameters() if p.requires_grad]
     unpacked_loss = trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "pack_sizes"},
                                          num_items_in_batch=supervised)
     unpacked_grads = torch.autograd.grad(unpacked_loss, params)
-    head = model.get_output_embeddings()
-    head.forward = lambda *a, **k: pytest.fail("the LM head module ran: full logits were built for packed rows")
-    packed_loss = trainer.compute_loss(model, packed, num_items_in_batch=supervised)
-    del head.forward
-    packed_grads = torch.autograd.grad(packed_loss, params)
-    torch.testing.assert_close(packed_loss, unpacked_loss, rtol=rtol, atol=atol)
-    rtol, atol = grad_tolerance
-    for g_packed, g_unpacked in zip(packed_grads, unpacked_grads):
-        torch.testing.assert_close(g_packed, g_unpacked, rtol=rtol, atol=atol)
+
+    # Twice: as the trainer trains the rows (on SDPA, attention one sample at a time), and with the whole row's
+    # block-diagonal mask (eager attention, or SDPA outside the trainer).
+    for attention in (per_sample, contextlib.nullcontext()):
+        queries = []  # lengths of the queries SDPA saw
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        unmasked = []  # lengths of the queries SDPA saw without a mask (its causal kernel)
+        torch.nn.functional.scaled_dot_product_attention = lambda q, *a, **k: queries.append(q.shape[-2]) or (
+            k.get("attn_mask") is None and unmasked.append(q.shape[-2])) or sdpa(q, *a, **k)
+        try:
+            with attention:
+                # Each sample's loss, packed, equals its loss alone.
+                logits = model(**{k: v for k, v in packed.items() if k != "labels"}, use_cache=False).logits
+                together = []
+                row_of = [r for r, n in enumerate(sizes) for _ in range(n)]
+                for i, r in enumerate(row_of):
+                    start = sum(lengths[j] for j in range(i) if row_of[j] == r)
+                    together.append(sample_losses(logits[r], packed["labels"][r], [start], [lengths[i]])[0])
+                rtol, atol = loss_tolerance
+                torch.testing.assert_close(torch.stack(together), torch.stack(alone), rtol=rtol, atol=atol)
+
+                # The trainer's loss (the LM head only where the loss is: TRL's fused head) and LoRA gradients:
+                # packed == unpacked.
+                head = model.get_output_embeddings()
+                head.forward = lambda *a, **k: pytest.fail("the LM head module ran: full logits were built")
+                packed_loss = trainer.compute_loss(model, dict(packed), num_items_in_batch=supervised)
+                del head.forward
+                packed_grads = torch.autograd.grad(packed_loss, params)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+        torch.testing.assert_close(packed_loss, unpacked_loss, rtol=rtol, atol=atol)
+        rtol, atol = grad_tolerance
+        for g_packed, g_unpacked in zip(packed_grads, unpacked_grads):
+            torch.testing.assert_close(g_packed, g_unpacked, rtol=rtol, atol=atol)
+        if not flash:  # the decoder attended per sample in the first pass, over whole rows in the second
+            assert (set(lengths) <= set(queries)) == (attention is per_sample), (lengths, sorted(set(queries)))
+            if rows.shape[1] not in lengths:  # (a row of one sample is as long as that sample)
+                assert (rows.shape[1] in queries) == (attention is not per_sample)
+            # Per sample, a causal family's samples take SDPA's causal kernel; bidirectional blocks keep their mask.
+            causal = not (run.family.prefix_lm or run.family.bidirectional_images)
+            assert (set(lengths) <= set(unmasked)) == (causal and attention is per_sample), sorted(set(unmasked))
     return (packed_loss - unpacked_loss).abs().item() / unpacked_loss.abs().item()
 
 
@@ -133,7 +156,7 @@ def test_qwen_packed_rows_carry_each_samples_own_multimodal_positions(tmp_path):
     run = prepare(tiny_recipe("qwen2_vl", tmp_path, "training.packing=true"))
     batch = run.trainer.data_collator([three_samples()])
     lengths = batch["attention_mask"].sum(1).tolist()
-    packed = run.trainer.pack(run.trainer.model, dict(batch))
+    packed, _ = run.trainer.pack(run.trainer.model, dict(batch))
     positions = packed["position_ids"]
     assert positions.shape == (4, 1, sum(lengths))
     text = positions[0, 0]
