@@ -97,11 +97,17 @@ def cached_plan(lengths, max_length: int, folder: Path) -> list[list[int]]:
     packs = plan_packs(lengths, max_length)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plan-", suffix=".npz")
+    members, ends = flattened(packs)
     with os.fdopen(fd, "wb") as f:
-        np.savez(f, members=np.fromiter((i for p in packs for i in p), np.int64, len(lengths)),
-                 ends=np.cumsum([len(p) for p in packs], dtype=np.int64))
+        np.savez(f, members=members, ends=ends)
     os.replace(tmp, path)  # atomic: a process reading the plan never sees half of it
     return packs
+
+
+def flattened(packs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The packs' sample indices back to back, and where each pack ends among them."""
+    return (np.fromiter((i for p in packs for i in p), np.int64),
+            np.cumsum([len(p) for p in packs], dtype=np.int64))
 
 
 class _Capacities:
@@ -139,10 +145,10 @@ class PackedRows(torch.utils.data.Dataset):
 
     def __init__(self, rows, packs: list[list[int]], lengths):
         self.rows, self.packs = rows, packs
-        members = np.fromiter((i for p in packs for i in p), np.int64)
-        starts = np.cumsum([0] + [len(p) for p in packs[:-1]], dtype=np.int64)
-        # tokens per pack
-        self.lengths = np.add.reduceat(np.asarray(lengths, np.int64)[members], starts).tolist() if packs else []
+        members, ends = flattened(packs)
+        tokens = np.asarray(lengths, np.int64)[members]
+        starts = np.concatenate(([0], ends[:-1]))
+        self.lengths = np.add.reduceat(tokens, starts).tolist() if packs else []  # tokens per pack
 
     def __len__(self) -> int:
         return len(self.packs)

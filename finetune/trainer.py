@@ -88,7 +88,8 @@ class Guarded:
 
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        attn = str(base.config.get_text_config()._attn_implementation)
+        text_config = base.config.get_text_config()
+        attn = str(text_config._attn_implementation)
         one_row = attn.startswith("flash")  # the kernel packs batch size 1 only
         tokens = int(inputs["attention_mask"].sum())
         attention = (attention_per_sample(row_segments(inputs), base.get_decoder()) if attn == "sdpa"
@@ -96,8 +97,8 @@ class Guarded:
         packed = pack_batch(inputs, self.family, self.processing_class.tokenizer.pad_token_id,
                             rope_positions(base, inputs), one_row)
         if self.family.bidirectional_images and "token_type_ids" in packed:
-            packed["attention_mask"] = image_block_masks(base.config.get_text_config(), packed,
-                                                         base.get_input_embeddings().weight.dtype, tokens)
+            packed["attention_mask"] = image_block_masks(text_config, packed, base.get_input_embeddings().weight.dtype,
+                                                         tokens)
         return packed, attention
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
