@@ -3,7 +3,9 @@
     import finetune
     run_dir = finetune.train("recipes/tiny-chartqa.yaml", overrides=["training.max_steps=20"])
 
-The CLI (`finetune train|check`) and `accelerate launch -m finetune train` call these same functions.
+The CLI (`finetune train|check`) and `accelerate launch -m finetune train` call these same functions. The code is
+laid out by stage, each a folder whose imports flow one way (tests/test_layout.py): data -> models -> batching ->
+recipe -> evaluation -> export -> training, with `finetune.zoo` (tiny local models) at `finetune.models.zoo`.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 def train(recipe, overrides: Sequence[str] = (), overwrite: bool = False) -> Path:
     """Fine-tune from a recipe (path, dict or `Recipe`); returns the run folder."""
-    from .pipeline import train as _train
+    from .training.pipeline import train as _train
 
     return _train(recipe, overrides, overwrite=overwrite)
 
 
 def check(recipe, overrides: Sequence[str] = (), show_labels: int = 0, data: bool = True) -> dict:
     """Validate a recipe and (unless `data=False`) scan its data without training; returns the report."""
-    from .preflight import check as _check
+    from .training.preflight import check as _check
 
     return _check(recipe, overrides, show_labels=show_labels, data=data)
 
@@ -42,14 +44,14 @@ def load_recipe(source, overrides: Sequence[str] = ()):
 
 def evaluate(target, split=None, limit=None, metric=None, out_dir=None, recipe=None, **kwargs) -> dict:
     """Generation-based evaluation of a run folder, merged export or base model; returns the metrics."""
-    from .evaluation import evaluate as _evaluate
+    from .evaluation.heldout import evaluate as _evaluate
 
     return _evaluate(target, split=split, limit=limit, metric=metric, out_dir=out_dir, recipe=recipe, **kwargs)
 
 
 def predict(target, prompt: str, images: Sequence[str] = (), max_new_tokens: int = 32) -> str:
     """One greedy answer to a prompt about images (paths), from a run folder, merged export or base model."""
-    from .chat import predict as _predict
+    from .evaluation.conversation import predict as _predict
 
     return _predict(target, prompt, list(images), max_new_tokens)
 
@@ -57,13 +59,22 @@ def predict(target, prompt: str, images: Sequence[str] = (), max_new_tokens: int
 def merge(run_dir, out=None, dtype=None, onto: str = "original", parity: bool = True, tolerance=None,
           **kwargs) -> Path:
     """Merge a run's adapter into its base model, save a standalone export and check parity; returns the folder."""
-    from .export import merge as _merge
+    from .export.merging import merge as _merge
 
     return _merge(run_dir, out=out, dtype=dtype, onto=onto, parity=parity, tolerance=tolerance, **kwargs)
 
 
 def push(target, repo_id=None, private=None, revision=None, merged=None, token=None, **kwargs) -> str:
     """Upload a run's adapter (or merged export) with processor files and a model card; returns the commit URL."""
-    from .hub import push as _push
+    from .export.hub import push as _push
 
     return _push(target, repo_id, private=private, revision=revision, merged=merged, token=token, **kwargs)
+
+
+def __getattr__(name: str):
+    # `from finetune import zoo` (README, model cards' quick start) without importing the zoo for every other command.
+    if name == "zoo":
+        from .models import zoo
+
+        return zoo
+    raise AttributeError(f"module 'finetune' has no attribute {name!r}")

@@ -140,14 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     from .console import quiet_library_warnings
 
     quiet_library_warnings()
-    from .checkpoints import CheckpointError
-    from .collate import TemplateError
+    from .batching import DataRefused, TemplateError
     from .data import DataError
-    from .export import ExportError  # also ParityError and hub.HubError
-    from .families import UnsupportedModelError
-    from .guards import TrainingHealthError, TrainingInterrupted
-    from .recipe import RecipeError
-    from .scan import DataRefused
+    from .errors import RecipeError
+    from .export import ExportError  # also ParityError and HubError
+    from .models import UnsupportedModelError
+    from .training import CheckpointError, TrainingHealthError, TrainingInterrupted
 
     import finetune
 
@@ -161,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             finetune.evaluate(args.target, split=args.split, limit=args.limit, metric=args.metric,
                               recipe=args.recipe, out_dir=args.out, batch_size=args.batch_size)
         elif args.command == "predict":
-            from .chat import predict, predict_file
+            from .evaluation import predict, predict_file
 
             if args.data:
                 print(predict_file(args.target, args.data, args.out or f"{args.data}.predictions.jsonl",
@@ -171,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 parser.error("predict needs --prompt (with --image) or --data")
         elif args.command == "chat":
-            from .chat import chat
+            from .evaluation.conversation import chat
 
             chat(args.target, max_new_tokens=args.max_new_tokens)
         elif args.command == "merge":

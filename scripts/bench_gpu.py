@@ -8,7 +8,7 @@
 
 Each model is built from its published config with random weights (on the GPU, in bf16), saved as safetensors
 (`--checkpoint-dir` keeps the folder for the next call) and loaded back through finetune's own loader
-(`finetune.modeling.load_model`), so QLoRA quantizes exactly as a recipe would. A bf16 LoRA run uses the model
+(`finetune.models.loading.load_model`), so QLoRA quantizes exactly as a recipe would. A bf16 LoRA run uses the model
 as built when it is still in memory (the loader would return the same weights; re-reading 16 GB only costs
 time). LoRA takes finetune's defaults (r 16, alpha 32, dropout 0.05 on decoder + projector, placed by the
 family table). Steps run under bf16 autocast on a GPU, as the trainer's `bf16: true` does, with fused AdamW.
@@ -28,7 +28,7 @@ tokens. The processor is the zoo Qwen2.5-VL one (real processor classes and chat
 checkpoint's special-token ids are set to match it.
 
 --recipe-memory RECIPE: the recipe's own settings (quantization, LoRA, batch, max_length, gradient checkpointing,
-optimizer) through finetune's pipeline (`finetune.pipeline.prepare` and its trainer) on rows that fill
+optimizer) through finetune's pipeline (`finetune.training.pipeline.prepare` and its trainer) on rows that fill
 max_length (an 800x600 chart at Qwen2.5-VL's own pixel limits, plus text), for a few steps: peak GPU memory.
 
 MFU: FLOPs per step count 2 x params x tokens for each forward matmul, the decoder twice more for the backward
@@ -205,14 +205,12 @@ def zoo_processor(family: str):
     from transformers import AutoProcessor
 
     from finetune import zoo
-
     return AutoProcessor.from_pretrained(zoo.ensure(family, "tiny"))
 
 
 def model_source(name: str, args, device: torch.device) -> tuple[Path, object]:
     """(checkpoint folder, bf16 model still in memory or None) for a model of the chosen preset."""
     from finetune import zoo
-
     if args.preset == "tiny":
         return Path(zoo.ensure(TINY[name]["family"], "tiny")), None
     if args.checkpoint_dir:
@@ -227,7 +225,8 @@ def load_for_mode(path: Path, mode: str, built, device: torch.device, gradient_c
     """The model with finetune's default LoRA, as finetune loads it for `mode` (lora: bf16, qlora: NF4)."""
     from peft import get_peft_model
 
-    from finetune.modeling import load_family, load_model, plan_lora
+    from finetune.models.loading import load_family, load_model
+    from finetune.models.lora import plan_lora
     from finetune.recipe import LoraConfig, ModelConfig, QuantizationConfig
 
     cfg = ModelConfig(name_or_path=str(path), dtype="bfloat16" if device.type == "cuda" else "float32")
@@ -260,7 +259,7 @@ def release(device: torch.device) -> None:
 
 def parameter_counts(model, family) -> dict[str, int]:
     """Parameters that do matmuls (input embeddings excluded) per part: text (decoder + lm_head), vision, projector."""
-    from finetune.families import matches
+    from finetune.models.families import matches
 
     embed = model.get_input_embeddings().weight
     counts = {"text": 0, "vision": 0, "projector": 0}
@@ -391,7 +390,7 @@ def chat_rows(n: int, seed: int, folder: Path) -> list[dict]:
     """bench_train.py's chat rows (messages + decoded images)."""
     from bench_train import make_data
 
-    from finetune.images import load_image
+    from finetune.data.images import load_image
 
     path = make_data(folder, n, seed)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -417,7 +416,7 @@ def finetune_batches(rows: list[dict], processor, family, batch: int, seed: int)
     """
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from finetune.collate import ChatCollator
+    from finetune.batching.collate import ChatCollator
 
     collator = ChatCollator(processor, family)
     lengths = [collator([row])["input_ids"].shape[1] for row in rows]
@@ -445,7 +444,7 @@ def timed_epoch(model, batches: list[dict], optimizer, device: torch.device) -> 
 
 
 def compare(name: str, args, device: torch.device) -> dict:
-    from finetune.modeling import load_family, load_processor
+    from finetune.models.loading import load_family, load_processor
     from finetune.recipe import ModelConfig
 
     spec = (FULL if args.preset == "full" else TINY)[name]
@@ -557,9 +556,9 @@ def filled_query(collator, make_row, target: int) -> tuple[str, int]:
 
 
 def recipe_memory(args, device: torch.device) -> dict:
-    from finetune.formats import chartqa
-    from finetune.images import load_image
-    from finetune.pipeline import load_processing, prepare
+    from finetune.data.formats import chartqa
+    from finetune.data.images import load_image
+    from finetune.training.pipeline import load_processing, prepare
     from finetune.recipe import load_recipe
 
     name = "qwen2_5_vl_7b"

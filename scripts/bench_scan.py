@@ -98,15 +98,15 @@ def rss_mb(who: int = resource.RUSAGE_SELF) -> float:
 
 def run_one(args) -> dict:
     """One path in this (fresh) process; prints a JSON line."""
-    from finetune.pipeline import load_processing, scanned
-    from finetune.scan import scan
+    from finetune.training.pipeline import load_processing, scanned
+    from finetune.batching.scan import scan
 
     r = recipe(args.data, args.kind, args.rows, args.verify, args.num_proc)
     _, family, processor, collator = load_processing(r)
     before = rss_mb()
     started = time.time()
     if args.path == "collate":  # the scan as it was: every row decoded and collated, one by one, one process
-        from finetune.data import chat_dataset
+        from finetune.data.rows import chat_dataset
 
         report = scan(chat_dataset(r.data, "train"), collator, r.training.max_length)
     else:

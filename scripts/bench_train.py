@@ -9,8 +9,8 @@ resized to `--vocab` rows (random weights), so the LM head costs what it costs a
 Gradient checkpointing is the same on every side (`--checkpointing`).
 
 (a) cookbook: TRL SFTTrainer with its default vision collator, random batches padded to the longest, batch 8.
-(b) finetune: finetune.pipeline.prepare() on a recipe with the same batch, learning rate and steps: assistant-only
-    labels (the LM head then projects those positions only: TRL's fused head, which finetune.trainer has score
+(b) finetune: finetune.training.pipeline.prepare() on a recipe with the same batch, learning rate and steps: assistant-only
+    labels (the LM head then projects those positions only: TRL's fused head, which finetune.training.trainer has score
     them on the CPU too), batches grouped by true length after image expansion (from the pre-flight scan),
     micro-batch 4 with gradient accumulation 2 (same effective batch).
 (c) finetune packed: (b) with `training.packing: true`: samples packed whole into rows of `--pack-length` tokens,
@@ -95,7 +95,7 @@ class Meter:
         self.tokens += int(tokens.sum())
         self.samples += len(tokens)
         self.batches.append((len(tokens), int(tokens.sum())))
-        if "pack_sizes" in batch:  # trained as packed rows (finetune.packing): each as long as the longest pack
+        if "pack_sizes" in batch:  # trained as packed rows (finetune.batching.packing): each as long as the longest pack
             self.padded += len(batch["pack_sizes"]) * max(int(t.sum()) for t in tokens.split(batch["pack_sizes"]))
         else:
             self.padded += batch["input_ids"].numel()
@@ -149,7 +149,7 @@ def run_side(side: str, data: Path, model_path: str, args) -> dict:
         trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=processor,
                              peft_config=lora, callbacks=[FirstStep()])
     else:
-        from finetune.pipeline import prepare
+        from finetune.training.pipeline import prepare
         from finetune.recipe import load_recipe
 
         packed = {"packing": True, "max_length": args.pack_length, "per_device_train_batch_size": args.pack_rows,
@@ -166,16 +166,16 @@ def run_side(side: str, data: Path, model_path: str, args) -> dict:
                          "dataloader_num_workers": 0, "train_sampling_strategy": "group_by_length",
                          "disable_tqdm": True} | packed,
         })
-        import finetune.pipeline
+        import finetune.training.pipeline
 
-        load_processor = finetune.pipeline.load_processor
+        load_processor = finetune.training.pipeline.load_processor
 
         def sized_processor(*a, **k):  # the same image budget as the cookbook side
             proc = load_processor(*a, **k)
             proc.image_processor.size = image_size
             return proc
 
-        finetune.pipeline.load_processor = sized_processor
+        finetune.training.pipeline.load_processor = sized_processor
         run = prepare(recipe)
         trainer = run.trainer
         trainer.add_callback(FirstStep())
@@ -204,9 +204,9 @@ def held_out_loss(model, processor, data: Path, model_path: str, image_size: dic
 
     import torch
 
-    from finetune.collate import ChatCollator
-    from finetune.data import load_image
-    from finetune.modeling import load_family
+    from finetune.batching.collate import ChatCollator
+    from finetune.data.rows import load_image
+    from finetune.models.loading import load_family
     from finetune.recipe import ModelConfig
 
     _, family = load_family(ModelConfig(name_or_path=model_path))
@@ -246,7 +246,6 @@ def main() -> int:
     args = p.parse_args()
 
     from finetune import zoo
-
     if args.side:
         print("RESULT " + json.dumps(run_side(args.side, Path(args.data), args.model, args)))
         return 0

@@ -89,9 +89,9 @@ def forced_stop(run_dir: Path, image: Path, max_new_tokens: int = 16) -> dict:
     must end at the end-of-turn token."""
     import torch
 
-    from finetune.chat import predict
-    from finetune.collate import template_traits
-    from finetune.inference import load_target
+    from finetune.evaluation.conversation import predict
+    from finetune.batching.template import template_traits
+    from finetune.evaluation.inference import load_target
 
     target = load_target(run_dir)
     tokenizer = target.processor.tokenizer

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import finetune.collate
-from finetune.pipeline import _claim_output_dir, prepare, save
+import finetune.batching.collate
+from finetune.training.pipeline import _claim_output_dir, prepare, save
 from finetune.recipe import load_recipe
 
 report_dir, recipe_path, *overrides = sys.argv[1:]
 seen: list[int] = []
-real_call = finetune.collate.ChatCollator.__call__
+real_call = finetune.batching.collate.ChatCollator.__call__
 
 
 def recording_call(self, rows):
@@ -23,7 +23,7 @@ def recording_call(self, rows):
     return real_call(self, rows)
 
 
-finetune.collate.ChatCollator.__call__ = recording_call
+finetune.batching.collate.ChatCollator.__call__ = recording_call
 recipe = load_recipe(recipe_path, overrides)
 started = time.time()
 run = prepare(recipe)

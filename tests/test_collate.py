@@ -6,8 +6,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import REPLIES, image, two_turn
 from finetune import zoo
-from finetune.collate import IGNORE_INDEX, ChatCollator
-from finetune.families import FAMILIES
+from finetune.batching.collate import IGNORE_INDEX, ChatCollator
+from finetune.models.families import FAMILIES
 
 
 def collate(family, rows):

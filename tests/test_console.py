@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from finetune.plots import Line, Panel, panels_figure, smoothed, training_figure
+from finetune.evaluation.plots import Line, Panel, panels_figure, smoothed, training_figure
 
 STEPS = 10
 
@@ -128,7 +128,7 @@ def test_panels_take_any_series_and_short_series_are_drawn_unsmoothed():
 
 
 def test_breakdown_uses_a_source_column_when_the_data_has_one(tmp_path):
-    from finetune.evaluation import breakdown, grouping
+    from finetune.evaluation.heldout import breakdown, grouping
     from finetune.recipe import RecipeError, load_recipe
 
     rows = [{"image": "a.png", "query": f"q{i}", "label": ["x"], "source": src, "human_or_machine": 0}

@@ -9,11 +9,11 @@ from transformers import AutoProcessor
 
 from conftest import ROOT, image
 from finetune import zoo
-from finetune.collate import template_traits
-from finetune.data import RowReader, chat_rows, source_rows
-from finetune.dpo import PreferenceCollator
-from finetune.families import FAMILIES
-from finetune.formats import RowError, preference
+from finetune.batching.template import template_traits
+from finetune.data.rows import RowReader, chat_rows, source_rows
+from finetune.batching.preference import PreferenceCollator
+from finetune.models.families import FAMILIES
+from finetune.data.formats import RowError, preference
 from finetune.recipe import RecipeError, load_recipe
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which color is the tallest bar?"}]}]
@@ -106,7 +106,7 @@ def test_rlaifv_columns_map_and_images_stay_inside_the_root(tmp_path):
 
 
 def test_scan_measures_both_replies_and_drops_a_pair_whose_longer_reply_does_not_fit(tmp_path):
-    from finetune.pipeline import load_processing, scanned
+    from finetune.training.pipeline import load_processing, scanned
 
     image(0).save(tmp_path / "c.png")
     long = " ".join(["word"] * 60)
@@ -163,8 +163,9 @@ def test_only_completion_tokens_and_end_of_turn_enter_the_logprobs(family):
 def test_dpo_trainer_scores_exactly_the_completion_tokens(tmp_path):
     """TRL's log-probs for the collated batch equal the sum of log p(token) over the completion mask computed by
     hand, under the policy and under the reference (base, adapter disabled)."""
-    from finetune.dpo import pair_logps, reference
-    from finetune.pipeline import prepare
+    from finetune.evaluation.preference import pair_logps
+    from finetune.training.dpo import reference
+    from finetune.training.pipeline import prepare
 
     run = prepare(dpo_recipe(tmp_path))
     trainer, model = run.trainer, run.trainer.model
@@ -196,8 +197,8 @@ def test_dpo_trainer_scores_exactly_the_completion_tokens(tmp_path):
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory):
     """A tiny SFT run, then a DPO run continuing from its adapter; evaluated on the pairs it trained on."""
-    from finetune.formats import CHARTQA_SYSTEM_PROMPT
-    from finetune.pipeline import train
+    from finetune.data.formats import CHARTQA_SYSTEM_PROMPT
+    from finetune.training.pipeline import train
 
     tmp_path = tmp_path_factory.mktemp("dpo")
     sft = train(load_recipe({
@@ -240,7 +241,7 @@ def test_dpo_run_from_an_sft_adapter_raises_the_margin_and_writes_the_run_folder
 
 
 def test_finetune_eval_on_a_dpo_run_folder_reproduces_its_generation_score(dpo_run):
-    from finetune.evaluation import evaluate
+    from finetune.evaluation.heldout import evaluate
 
     _, out = dpo_run
     metrics = json.loads((out / "eval/metrics.json").read_text())
@@ -250,7 +251,7 @@ def test_finetune_eval_on_a_dpo_run_folder_reproduces_its_generation_score(dpo_r
 
 
 def test_an_adapter_of_another_base_model_is_refused(dpo_run, tmp_path):
-    from finetune.pipeline import prepare
+    from finetune.training.pipeline import prepare
 
     sft, _ = dpo_run
     with pytest.raises(RecipeError, match=f"model.adapter: {sft} was trained on zoo:qwen2_vl, not on zoo:llava"):
@@ -262,7 +263,7 @@ def test_merge_and_push_a_dpo_run_folder(dpo_run, monkeypatch):
     from hub_server import serve
 
     import finetune
-    from finetune.export import merge
+    from finetune.export.merging import merge
 
     _, out = dpo_run
     merged = merge(out)  # parity-checked on the eval rows' prompts with their chosen reply
@@ -304,7 +305,7 @@ def test_qlora_dpo_from_a_fresh_adapter_trains_only_lora_against_the_base(tmp_pa
     step's reward margin is exactly 0 (LoRA's B starts at zero); only LoRA tensors change."""
     import bitsandbytes as bnb
 
-    from finetune.pipeline import prepare
+    from finetune.training.pipeline import prepare
 
     run = prepare(dpo_recipe(tmp_path, "quantization.load_in_4bit=true", max_steps=4))
     model = run.trainer.model
@@ -321,7 +322,7 @@ def test_qlora_dpo_from_a_fresh_adapter_trains_only_lora_against_the_base(tmp_pa
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "gemma3", "paligemma", "llava"])
 def test_dpo_trains_in_every_listed_family(family, tmp_path):
-    from finetune.pipeline import prepare
+    from finetune.training.pipeline import prepare
 
     recipe = dpo_recipe(tmp_path, f"model.name_or_path=zoo:{family}", "data.max_samples=4", max_steps=2,
                         per_device_train_batch_size=2)
@@ -339,7 +340,7 @@ def test_a_resumed_dpo_run_from_an_sft_adapter_equals_the_uninterrupted_one(dpo_
 
     from safetensors.torch import load_file
 
-    from finetune.pipeline import train
+    from finetune.training.pipeline import train
 
     sft, _ = dpo_run
     settings = (f"model.adapter={sft}", "evaluation.enabled=false")

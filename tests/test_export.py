@@ -12,12 +12,12 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import ROOT
 from finetune import cli
-from finetune.card import render_card
-from finetune.collate import ChatCollator
-from finetune.export import ExportError, ParityError, merge, parity_rows, serving_warnings
-from finetune.families import FAMILIES
-from finetune.modeling import load_family, load_model
-from finetune.pipeline import train
+from finetune.export.card import render_card
+from finetune.batching.collate import ChatCollator
+from finetune.export.merging import ExportError, ParityError, merge, parity_rows, serving_warnings
+from finetune.models.families import FAMILIES
+from finetune.models.loading import load_family, load_model
+from finetune.training.pipeline import train
 from finetune.recipe import load_recipe
 
 MERGE_FAMILIES = ["llava", "qwen2_5_vl", "idefics3", "gemma3"]

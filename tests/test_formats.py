@@ -2,7 +2,7 @@
 
 import pytest
 
-from finetune.formats import (CAPTION_PROMPT, CHARTQA_SYSTEM_PROMPT, RowError, caption, cauldron, chartqa,
+from finetune.data.formats import (CAPTION_PROMPT, CHARTQA_SYSTEM_PROMPT, RowError, caption, cauldron, chartqa,
                               expand_captions, llava, messages, video, vqa)
 
 IMG = {"type": "image"}

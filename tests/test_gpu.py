@@ -18,9 +18,10 @@ import torch
 
 from conftest import ROOT
 from finetune import zoo
-from finetune.collate import ChatCollator
-from finetune.data import chat_dataset
-from finetune.modeling import group_of, load_family, load_model, load_processor
+from finetune.batching.collate import ChatCollator
+from finetune.data.rows import chat_dataset
+from finetune.models.loading import load_family, load_model, load_processor
+from finetune.models.lora import group_of
 from finetune.recipe import DataConfig, ModelConfig, QuantizationConfig, load_recipe
 
 CUDA = torch.cuda.is_available()
@@ -94,7 +95,7 @@ def test_qlora_nf4_quantizes_the_decoder_only(family, record):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A LoRA run of the zoo Qwen2.5-VL through finetune's pipeline: bf16 and gradient checkpointing on a GPU."""
-    from finetune.pipeline import prepare, save
+    from finetune.training.pipeline import prepare, save
 
     out = tmp_path_factory.mktemp("gpu") / "run"
     recipe = load_recipe({
@@ -141,7 +142,7 @@ def test_bf16_lora_training_lowers_the_loss(trained, record):
 
 def test_bf16_merge_reproduces_the_adapter(trained, record):
     """A bf16 export against base + adapter in float32, both on the GPU: the tolerance finetune ships for bf16."""
-    from finetune.export import DEFAULT_TOLERANCE, merge
+    from finetune.export.merging import DEFAULT_TOLERANCE, merge
 
     out, _ = trained
     merged = merge(out, out.parent / "merged", dtype="bfloat16", device=DEVICE)
@@ -159,7 +160,7 @@ def test_bf16_merge_reproduces_the_adapter(trained, record):
 
 
 def test_generation_after_training_on_the_device(trained, record):
-    from finetune.inference import generate, load_target, prompt_messages
+    from finetune.evaluation.inference import generate, load_target, prompt_messages
 
     out, _ = trained
     target = load_target(out)
@@ -187,7 +188,7 @@ def test_generation_after_training_on_the_device(trained, record):
 def test_packed_rows_train_as_unpacked_on_the_gpu(attn, tmp_path, record):
     """training.packing on the device: Qwen2.5-VL's packed rows give each sample its unpacked loss and the same
     gradients (fp32 on SDPA; bf16 on flash-attention, where the packs share one row, so bf16 tolerances)."""
-    from finetune.pipeline import prepare
+    from finetune.training.pipeline import prepare
     from test_packing import check_packing_is_exact
     from test_training import tiny_recipe
 

@@ -10,10 +10,10 @@ from PIL import Image
 
 import finetune
 from conftest import image
-from finetune.images import BadMedia, load_image
-from finetune.pipeline import load_processing, scanned
+from finetune.data.images import BadMedia, load_image
+from finetune.training.pipeline import load_processing, scanned
 from finetune.recipe import RecipeError, load_recipe
-from finetune.scan import DataRefused
+from finetune.batching.scan import DataRefused
 
 PIXEL_LIMIT = 50_000
 
@@ -206,7 +206,7 @@ def png_header_only(width: int, height: int) -> bytes:
 def test_pixel_limit_above_pillows_own_limit_is_honoured_and_named(tmp_path):
     """Regression: Pillow refused images over ~179M pixels (2x its MAX_IMAGE_PIXELS) before data.pixel_limit was
     read, so a higher recipe limit had no effect and the drop reason named Pillow's limit."""
-    from finetune.images import image_size
+    from finetune.data.images import image_size
 
     (tmp_path / "huge.png").write_bytes(png_header_only(15_000, 15_000))  # 225M pixels, over Pillow's 178.9M
     assert 15_000 * 15_000 > 2 * Image.MAX_IMAGE_PIXELS

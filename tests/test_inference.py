@@ -10,7 +10,7 @@ import pytest
 
 import finetune
 from conftest import ROOT
-from finetune.metrics import relaxed_accuracy
+from finetune.evaluation.metrics import relaxed_accuracy
 
 BIN = Path(sys.executable).parent
 CHART = ROOT / "data/chartqa-tiny/images/test-0000.png"
@@ -85,7 +85,7 @@ def test_merged_export_answers_like_the_adapter(run_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from finetune.inference import base_of
+    from finetune.evaluation.inference import base_of
 
     merged = tmp_path / "merged"
     base = AutoModelForImageTextToText.from_pretrained(base_of(run_dir))

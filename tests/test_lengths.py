@@ -6,8 +6,8 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from finetune import zoo
-from finetune.families import FAMILIES
-from finetune.lengths import Measurer
+from finetune.models.families import FAMILIES
+from finetune.batching.lengths import Measurer
 
 #: Sizes (width, height) across each family's resize rules: tiny, wide, tall, extreme aspect ratios, large.
 SIZES = [(1, 1), (64, 64), (200, 90), (37, 500), (800, 600), (3000, 40), (1600, 1200)]
@@ -94,7 +94,7 @@ REAL = ["Qwen__Qwen2.5-VL-7B-Instruct", "Qwen__Qwen3-VL-8B-Instruct", "HuggingFa
 def test_lengths_from_image_sizes_equal_the_collated_lengths_at_real_image_settings(name):
     """Real resolutions: Qwen's 1003520-pixel cap, Idefics3/SmolVLM splitting into 364/512-pixel tiles, LLaVA-NeXT
     any-res grids, 448-pixel PaliGemma, Gemma 3's 256 tokens, Mllama's 560-pixel tiles (one token)."""
-    from finetune.modeling import load_processor
+    from finetune.models.loading import load_processor
     from finetune.recipe import ModelConfig
 
     path = zoo.ensure_like(HUB / name)

@@ -8,10 +8,10 @@ import torch
 
 import finetune
 from conftest import image
-from finetune.collate import IGNORE_INDEX
-from finetune.data import chat_dataset
-from finetune.images import load_video
-from finetune.pipeline import load_processing, scanned
+from finetune.batching.collate import IGNORE_INDEX
+from finetune.data.rows import chat_dataset
+from finetune.data.images import load_video
+from finetune.training.pipeline import load_processing, scanned
 from finetune.recipe import load_recipe
 
 
@@ -143,8 +143,8 @@ def test_a_row_of_the_wrong_shape_is_reported_by_id_not_raised(tmp_path):
 
 def test_evaluation_scores_video_rows_and_every_assistant_turn(tmp_path):
     """Regression: evaluation skipped rows with videos and scored only the last assistant reply of each row."""
-    from finetune.evaluation import evaluate, examples
-    from finetune.inference import load_target
+    from finetune.evaluation.heldout import evaluate, examples
+    from finetune.evaluation.inference import load_target
 
     write_video(tmp_path / "clip.mp4")
     image(0).save(tmp_path / "a.png")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from finetune.metrics import anls, exact_match, normalize, relaxed_accuracy, to_number, vqa_accuracy
+from finetune.evaluation.metrics import anls, exact_match, normalize, relaxed_accuracy, to_number, vqa_accuracy
 
 
 @pytest.mark.parametrize("text,value", [

@@ -15,8 +15,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import ROOT, image
 from finetune import zoo
-from finetune.collate import IGNORE_INDEX, ChatCollator
-from finetune.families import FAMILIES
+from finetune.batching.collate import IGNORE_INDEX, ChatCollator
+from finetune.models.families import FAMILIES
 
 TEXT_ROW = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say a word."}]},
                          {"role": "assistant", "content": [{"type": "text", "text": "ZEBRA text"}]}],

@@ -7,9 +7,10 @@ import torch
 
 from conftest import image, two_turn
 from finetune import zoo
-from finetune.families import FAMILIES
-from finetune.packing import LayerMasks, PackedRows, cached_plan, plan_packs
-from finetune.pipeline import prepare
+from finetune.models.families import FAMILIES
+from finetune.batching.packing import PackedRows, cached_plan, plan_packs
+from finetune.training.attention import LayerMasks
+from finetune.training.pipeline import prepare
 from finetune.recipe import RecipeError, load_recipe
 from test_training import tiny_recipe
 
@@ -189,7 +190,7 @@ def test_a_plan_is_stored_once_and_loaded_by_every_later_start(tmp_path, monkeyp
     lengths = [700, 300, 500, 200, 900, 100, 400, 1000]
     assert cached_plan(lengths, 1000, tmp_path) == plan_packs(lengths, 1000)
     assert len(list(tmp_path.iterdir())) == 1
-    monkeypatch.setattr("finetune.packing.plan_packs", lambda *a: pytest.fail("planned again"))
+    monkeypatch.setattr("finetune.batching.packing.plan_packs", lambda *a: pytest.fail("planned again"))
     assert cached_plan(lengths, 1000, tmp_path) == [[7], [4], [0, 1], [2, 5, 6], [3]]  # loaded, not planned
     monkeypatch.undo()
     assert cached_plan(lengths, 1100, tmp_path) != cached_plan(lengths, 1000, tmp_path)  # keyed by max_length

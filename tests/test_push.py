@@ -12,9 +12,9 @@ import yaml
 
 import finetune
 from conftest import ROOT
-from finetune.card import render_card
-from finetune.hub import HubError, transient, with_retries
-from finetune.pipeline import train
+from finetune.export.card import render_card
+from finetune.export.hub import HubError, transient, with_retries
+from finetune.training.pipeline import train
 from finetune.recipe import RecipeError, load_recipe
 from hub_server import serve
 

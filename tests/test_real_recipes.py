@@ -12,7 +12,7 @@ from transformers import AutoProcessor
 
 import finetune
 from conftest import ROOT
-from finetune.families import PALIGEMMA_TEMPLATE
+from finetune.models.families import PALIGEMMA_TEMPLATE
 from hub_server import serve
 
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -21,13 +21,13 @@ from transformers import AutoModelForImageTextToText
 
 from conftest import ROOT, image
 from finetune import zoo
-from finetune.collate import (IGNORE_INDEX, ChatCollator, prepare_messages, render, template_kwargs,
-                              template_traits)
-from finetune.families import FAMILIES, PALIGEMMA_TEMPLATE
-from finetune.inference import prompt_batch, stop_token_ids
-from finetune.modeling import load_processor
+from finetune.batching.collate import IGNORE_INDEX, ChatCollator
+from finetune.batching.template import prepare_messages, render, template_kwargs, template_traits
+from finetune.models.families import FAMILIES, PALIGEMMA_TEMPLATE
+from finetune.evaluation.inference import prompt_batch, stop_token_ids
+from finetune.models.loading import load_processor
 from finetune.recipe import ModelConfig, RecipeError
-from finetune.scan import scan
+from finetune.batching.scan import scan
 
 HUB = ROOT / "tests" / "fixtures" / "hub"
 

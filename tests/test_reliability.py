@@ -18,9 +18,9 @@ from transformers.trainer_pt_utils import safe_globals
 
 import finetune
 from conftest import ROOT
-from finetune.checkpoints import MARKER, STAGING, CheckpointError, is_complete, resume_point
-from finetune.guards import HealthMonitor, TrainingHealthError
-from finetune.pipeline import prepare
+from finetune.training.checkpoints import MARKER, STAGING, CheckpointError, is_complete, resume_point
+from finetune.training.guards import HealthMonitor, TrainingHealthError
+from finetune.training.pipeline import prepare
 from finetune.recipe import RecipeError, load_recipe
 
 
@@ -149,7 +149,7 @@ def test_failed_save_keeps_the_previous_checkpoint_byte_identical(tmp_path, monk
 
 def poison_loss_at(monkeypatch, step: int):
     """The model's loss becomes NaN on optimizer step `step` (as after an overflow or a corrupt sample)."""
-    compute_loss = finetune.trainer.SFTTrainer.compute_loss
+    compute_loss = finetune.training.sft.SFTTrainer.compute_loss
 
     def nan_loss(self, model, inputs, *args, **kwargs):
         result = compute_loss(self, model, inputs, *args, **kwargs)
@@ -157,7 +157,7 @@ def poison_loss_at(monkeypatch, step: int):
             return result * float("nan")
         return result
 
-    monkeypatch.setattr(finetune.trainer.SFTTrainer, "compute_loss", nan_loss)
+    monkeypatch.setattr(finetune.training.sft.SFTTrainer, "compute_loss", nan_loss)
 
 
 def test_nan_loss_stops_within_the_step_and_writes_nothing_after_it(tmp_path, monkeypatch):

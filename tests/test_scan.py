@@ -5,9 +5,9 @@ import json
 import pytest
 
 from conftest import image
-from finetune.pipeline import prepare
+from finetune.training.pipeline import prepare
 from finetune.recipe import load_recipe
-from finetune.scan import DataRefused
+from finetune.batching.scan import DataRefused
 
 
 def chat_rows(tmp_path, n_long=2, n_empty=1, n_ok=5):
@@ -82,7 +82,7 @@ def test_a_second_start_loads_the_scan_from_cache_and_decisions_are_not_cached(t
 
 
 def test_a_processor_the_header_path_does_not_follow_is_rescanned_decoded(tmp_path, capsys, monkeypatch):
-    from finetune.lengths import Measurer
+    from finetune.batching.lengths import Measurer
 
     data = chat_rows(tmp_path)
     honest = scanned_report(tmp_path, data, "data.verify_images=decode")
@@ -95,7 +95,7 @@ def test_a_processor_the_header_path_does_not_follow_is_rescanned_decoded(tmp_pa
 
 
 def scanned_report(tmp_path, data_path, *overrides):
-    from finetune.pipeline import load_processing, scanned
+    from finetune.training.pipeline import load_processing, scanned
 
     r = recipe(tmp_path, data_path, *overrides)
     _, family, _, collator = load_processing(r)

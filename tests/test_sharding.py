@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from finetune.recipe import RecipeError
-from finetune.sharding import refuse_text_only_rows_when_sharded, sharded_strategy
+from finetune.training.sharding import refuse_text_only_rows_when_sharded, sharded_strategy
 
 
 def args(fsdp="", deepspeed=None):
@@ -39,7 +39,8 @@ def test_mixed_text_only_and_image_rows_are_refused_only_when_sharded():
 
 def test_training_refuses_a_mixed_dataset_under_fsdp_before_loading_weights(tmp_path, monkeypatch):
     from conftest import image
-    from finetune import modeling, pipeline
+    from finetune.models import loading as modeling
+    from finetune.training import pipeline
     from finetune.recipe import load_recipe
 
     img = tmp_path / "a.png"

@@ -77,9 +77,9 @@ def test_a_stream_trains_and_reports_dropped_rows_by_reason(tmp_path, capsys):
 
 
 def test_stream_batches_split_ranks_workers_and_resume_points(tmp_path, monkeypatch):
-    from finetune.pipeline import load_processing
-    from finetune.lengths import Measurer
-    from finetune.streaming import streamed
+    from finetune.training.pipeline import load_processing
+    from finetune.batching.lengths import Measurer
+    from finetune.batching.streaming import streamed
 
     recipe = load_recipe(stream_recipe(stream_file(tmp_path), tmp_path / "run"))
     _, family, processor, collator = load_processing(recipe)

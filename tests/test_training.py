@@ -7,9 +7,9 @@ import trl.trainer.utils as trl_utils
 
 from conftest import ROOT
 from finetune import zoo
-from finetune.modeling import group_of
+from finetune.models.lora import group_of
 from finetune.recipe import load_recipe
-from finetune.pipeline import prepare
+from finetune.training.pipeline import prepare
 
 
 def tiny_recipe(family, tmp_path, *extra):

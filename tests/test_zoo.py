@@ -9,7 +9,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import REPLIES, image, two_turn
 from finetune import zoo
-from finetune.families import FAMILIES
+from finetune.models.families import FAMILIES
 
 QWEN_IDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
             "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}

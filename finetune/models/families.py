@@ -1,0 +1,189 @@
+"""The model-family table: everything that differs between VLM architectures lives here and nowhere else.
+
+Module paths are regexes matched from the start of a module's full name up to a module boundary (the same rule
+`transformers` uses for `llm_int8_skip_modules`), so `model\\.visual\\.merger` matches `model.visual.merger.mlp.0` and
+never `model.visual.blocks.0.mlp.fc1`. Names were read off the real model classes in transformers 5.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+#: The parts of a model LoRA can adapt (`lora.targets`); each is a module-path regex of every Family.
+LORA_GROUPS = ("decoder", "projector", "vision")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One VLM architecture, keyed in FAMILIES by its `config.model_type`."""
+
+    name: str
+    #: Module-path regex of the language decoder (LoRA group `decoder`).
+    decoder: str
+    #: Module-path regex of the multimodal projector (LoRA group `projector`).
+    projector: str
+    #: Module-path regex of the vision tower (LoRA group `vision`); projector modules inside it are excluded.
+    vision: str
+    #: Regex over token strings: every token an image expands to (placeholders, row/col/tile markers, boundaries).
+    image_tokens: str
+    #: The token that closes an assistant reply in the chat template; it carries loss with the reply.
+    end_of_turn: str
+    #: Projector weights that are raw `nn.Parameter`s, not Linear modules (trained with peft `target_parameters`).
+    projector_parameters: tuple[str, ...] = ()
+    #: Prefix-LM (PaliGemma): `token_type_ids` = 1 marks causal (answer) tokens, 0 the bidirectional prefix.
+    prefix_lm: bool = False
+    #: The processor inserts `<bos>` after the last image token and appends the prompt's closing "\n" (PaliGemma).
+    processor_adds_bos_and_newline: bool = False
+    #: What an image placeholder becomes, as a function of the image's size (how the pre-flight scan measures rows
+    #: without decoding images): `count` = the image token repeated as often as the processor's
+    #: `_get_num_multimodal_tokens` says; `tiles` = the processor's row/column tile text for the
+    #: `get_number_of_image_patches` split; `fixed` = the same text for every image.
+    image_expansion: str = "count"
+    #: The processor takes `videos=` and the template renders `{"type": "video"}`; otherwise videos become frames.
+    video_input: bool = False
+    #: finetune's chat template for checkpoints that ship none (PaliGemma); saved with every run and export.
+    default_chat_template: str | None = None
+    #: Variables every rendering passes to the chat template, so training and inference render the same text (a
+    #: template that reads today's date otherwise changes its prompt from day to day).
+    template_kwargs: tuple[tuple[str, str], ...] = ()
+    #: The image processor mishandles rows without images (transformers' MllamaImageProcessor fails when the first
+    #: row has none and drops them from `aspect_ratio_ids`): such batches are encoded with their image rows first,
+    #: padded as a missing image is padded, and put back in order (all its outputs are batch-first).
+    image_rows_first: bool = False
+    #: Image tokens attend to their own image bidirectionally (Gemma 3's `token_type_ids` blocks).
+    bidirectional_images: bool = False
+    #: The position of a sequence's first token (PaliGemma counts from 1).
+    first_position: int = 0
+    #: Image inputs that come one row per sample, padded with all-zero images (Idefics3): regrouped per pack.
+    packed_row_inputs: tuple[str, ...] = ()
+    #: Why `training.packing` cannot be exact for this family ("" = it can; finetune.batching.packing).
+    no_packing: str = ""
+    notes: str = ""
+
+    def quantization_skip(self) -> list[str]:
+        """Modules bitsandbytes must keep in full precision: vision tower, projector and the LM head."""
+        return [self.vision, self.projector, "lm_head"]
+
+
+# PaliGemma checkpoints ship no chat template: they are prompted "<image>...<bos>{prefix}\n" and answer
+# "{suffix}<eos>". finetune's template keeps that layout: every image first (the processor puts <bos> after the last
+# <image>), then each turn's text; a prompt turn is followed by "\n" and a reply by "<eos>". There is no "\n" after
+# the final prompt turn and nothing for add_generation_prompt: the processor appends the "\n" that separates prompt
+# from answer. Content may be a string or a list of {"type": "image"} / {"type": "text"} parts.
+PALIGEMMA_TEMPLATE = (
+    "{%- for message in messages if message['content'] is not string -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>' }}{%- endfor -%}"
+    "{%- endfor -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ '<eos>' }}"
+    "{%- elif message['role'] in ('system', 'user') -%}{%- if not loop.last -%}{{ '\n' }}{%- endif -%}"
+    "{%- else -%}{{ raise_exception('Unsupported role: ' + message['role']) }}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+_LLAVA_IMAGE = r"<image>"
+_QWEN_IMAGE = r"<\|(?:image_pad|video_pad|vision_start|vision_end)\|>"
+_IDEFICS_IMAGE = r"<image>|<fake_token_around_image>|<global-img>|<row_\d+_col_\d+>"
+
+FAMILIES: dict[str, Family] = {
+    "llava": Family(
+        name="LLaVA 1.5",
+        decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
+        image_tokens=_LLAVA_IMAGE, end_of_turn="</s>",
+    ),
+    "llava_next": Family(
+        name="LLaVA-NeXT (1.6)",
+        decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
+        image_tokens=_LLAVA_IMAGE, end_of_turn="</s>",
+        notes="`model.image_newline` is a raw parameter of the projector side; it stays frozen.",
+    ),
+    "idefics3": Family(
+        name="Idefics3",
+        decoder=r"model\.text_model", projector=r"model\.connector", vision=r"model\.vision_model",
+        image_tokens=_IDEFICS_IMAGE, end_of_turn="<end_of_utterance>", image_expansion="tiles",
+        packed_row_inputs=("pixel_values", "pixel_attention_mask"),
+        notes="Image splitting expands one image into row/column tiles plus a global image.",
+    ),
+    "smolvlm": Family(
+        name="SmolVLM",
+        decoder=r"model\.text_model", projector=r"model\.connector", vision=r"model\.vision_model",
+        image_tokens=_IDEFICS_IMAGE, end_of_turn="<end_of_utterance>", image_expansion="tiles",
+        packed_row_inputs=("pixel_values", "pixel_attention_mask"),
+        notes="Idefics3 architecture; processor needs the `num2words` package.",
+    ),
+    "qwen2_vl": Family(
+        name="Qwen2-VL",
+        decoder=r"model\.language_model", projector=r"model\.visual\.merger", vision=r"model\.visual",
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True,
+        notes="Dynamic resolution: image token count follows image size (min/max pixels).",
+    ),
+    "qwen2_5_vl": Family(
+        name="Qwen2.5-VL",
+        decoder=r"model\.language_model", projector=r"model\.visual\.merger", vision=r"model\.visual",
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True,
+    ),
+    "qwen3_vl": Family(
+        name="Qwen3-VL",
+        decoder=r"model\.language_model", projector=r"model\.visual\.(?:merger|deepstack_merger_list)",
+        vision=r"model\.visual",
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True,
+        notes="DeepStack mergers feed intermediate vision features into early decoder layers; they are projectors.",
+    ),
+    "paligemma": Family(
+        name="PaliGemma / PaliGemma 2",
+        decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
+        image_tokens=r"<image>", end_of_turn="<eos>", prefix_lm=True, processor_adds_bos_and_newline=True,
+        image_expansion="fixed", first_position=1, default_chat_template=PALIGEMMA_TEMPLATE,
+        notes="Not a chat model: the prefix (image + prompt) attends bidirectionally, answers causally. The hub "
+              "checkpoints have no chat template; finetune's (PALIGEMMA_TEMPLATE) is used and saved with the run.",
+    ),
+    "gemma3": Family(
+        name="Gemma 3",
+        decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
+        image_tokens=r"<start_of_image>|<end_of_image>|<image_soft_token>", end_of_turn="<end_of_turn>",
+        projector_parameters=("model.multi_modal_projector.mm_input_projection_weight",), image_expansion="fixed",
+        bidirectional_images=True,
+        notes="`processor.image_token_id` is <start_of_image>, not the soft token; the projector is a raw parameter.",
+    ),
+    "mllama": Family(
+        name="Llama 3.2 Vision (Mllama)",
+        decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_model",
+        image_tokens=r"<\|image\|>", end_of_turn="<|eot_id|>", image_rows_first=True, image_expansion="fixed",
+        # The hub template writes "Today Date: <today>" into a system preamble; pinned to the template's own
+        # fallback date so a run renders the same prompt in training, evaluation and inference on any day.
+        template_kwargs=(("date_string", "26 Jul 2024"),),
+        no_packing="text attends to images through cross-attention masks of a whole row, and transformers masks "
+                   "text that attends to no image only in the MLP: a packed sample without images would attend to "
+                   "the other samples' images",
+        notes="Cross-attention model: <|image|> stays one token; the projector is itself a Linear. In a batch with "
+              "images, transformers' cross-attention still adds attention over the batch's vision tokens to text "
+              "that attends to no image (only the MLP is masked; Meta's reference masks both).",
+    ),
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def family_for(model_type: str) -> Family:
+    """The table entry for a `config.model_type`, or an error listing what is supported."""
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        supported = ", ".join(f"{k} ({f.name})" for k, f in FAMILIES.items())
+        raise UnsupportedModelError(
+            f"model type '{model_type}' is not in finetune's model-family table. Supported: {supported}. "
+            "Add an entry to finetune/models/families.py (module paths of decoder, projector and vision tower, image "
+            "tokens, end-of-turn token) to support it."
+        ) from None
+
+
+def matches(pattern: str, module_name: str) -> bool:
+    """True when `pattern` matches `module_name` from its start up to a module boundary."""
+    return re.match(rf"(?:{pattern})(?:\.|$)", module_name) is not None

@@ -1,0 +1,133 @@
+"""Processor and base model (optionally 4-bit), driven by the model-family table.
+
+`cfg` is the recipe's `model:` section and `quant` its `quantization:` section, read field by field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import RecipeError
+from . import zoo
+from .families import Family, family_for
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`zoo:<family>[:<preset>]` or `zoo:<folder of hub files>[:<preset>]` builds (once, cached) a tiny local
+    checkpoint; anything else is passed through."""
+    if not name_or_path.startswith("zoo:"):
+        return name_or_path
+    return str(zoo.resolve(name_or_path))
+
+
+def load_family(cfg) -> tuple[str, Family]:
+    """The model's path and its family-table entry, from the config alone (cheap: no weights are read)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.name_or_path)
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return path, family_for(config.model_type)
+
+
+PIXEL_LIMITS = {"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}
+
+
+def load_processor(path: str, cfg, image_settings: dict | None = None, family: Family | None = None):
+    """The model's processor, with `data.image_processor` settings applied (saved with it, so inference agrees),
+    and the chat template training and inference render with (see `choose_chat_template`)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    choose_chat_template(processor, cfg, family)
+    image_processor = getattr(processor, "image_processor", None)
+    for key, value in (image_settings or {}).items():
+        size, edge = getattr(image_processor, "size", None), PIXEL_LIMITS.get(key)
+        if edge and not hasattr(image_processor, key) and size is not None and (
+                size.get(edge) if isinstance(size, dict) else getattr(size, edge, None)) is not None:
+            # Qwen-VL's min/max pixels live in `size` (shortest_edge/longest_edge count pixels) in transformers 5.
+            if isinstance(size, dict):
+                image_processor.size = {**size, edge: value}
+            else:
+                setattr(size, edge, value)
+            continue
+        if image_processor is None or not hasattr(image_processor, key):
+            known = sorted(k for k in vars(image_processor or object()) if not k.startswith("_"))
+            raise RecipeError(f"data.image_processor.{key}: not a setting of "
+                              f"{type(image_processor).__name__} (it has: {', '.join(known)})")
+        setattr(image_processor, key, value)
+    return processor
+
+
+def choose_chat_template(processor, cfg, family: Family | None) -> None:
+    """`model.chat_template` (a file) if set; else the checkpoint's own; else the family's documented default
+    (PaliGemma ships none). The choice is stored on the processor, which every run saves next to its adapter."""
+    if cfg.chat_template is not None:
+        path = Path(cfg.chat_template).expanduser()
+        if not path.is_file():
+            raise RecipeError(f"model.chat_template: {path}: file not found")
+        processor.chat_template = path.read_text(encoding="utf-8")
+    elif not getattr(processor, "chat_template", None):
+        if family is not None and family.default_chat_template:
+            processor.chat_template = family.default_chat_template
+        else:
+            name = family.name if family is not None else type(processor).__name__
+            raise RecipeError(
+                f"model.chat_template: {cfg.name_or_path} has no chat template and finetune has no default one for "
+                f"{name}; write the prompt format as a Jinja template file and set model.chat_template to its path")
+    # The tokenizer keeps its own copy; one template for both, so no code path can render with another.
+    processor.tokenizer.chat_template = processor.chat_template
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_model(path: str, cfg, quant, family: Family):
+    """The base model; with `quant.load_in_4bit` the decoder is NF4 and vision tower, projector, lm_head are not."""
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    kwargs["dtype"] = "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    if quant.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype(quant.compute_dtype),
+            bnb_4bit_quant_storage=torch.uint8 if quant.quant_storage == "uint8" else DTYPES[quant.quant_storage],
+            # bitsandbytes quantizes every Linear unless told otherwise; the vision side is small and sensitive.
+            llm_int8_skip_modules=family.quantization_skip(),
+        )
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if quant.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        # Checkpointing is switched on by the trainer from `training.activation_checkpointing`, not here.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        training_kernels(model)
+    return model
+
+
+def training_kernels(model):
+    """Make bitsandbytes 4-bit layers compute as in training, also in eval mode.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight on its first eval-mode forward and from
+    then on multiplies in bfloat16 (measured: 6e-3 off per layer vs the training path), and the repacking is lossy
+    (2e-4 on the dequantized weight). Training never takes that path, so neither do the parity check and the merge.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model

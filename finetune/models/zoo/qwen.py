@@ -1,0 +1,76 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: dynamic resolution, multimodal rope."""
+
+from __future__ import annotations
+
+from .common import HubFiles, head_dim, mrope_sections, text_config, token_ids, tokenizer, trl_template
+
+_QWEN_EXTRA = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+
+
+def _qwen(p, template: str, patch: int, proc_cls, video_cls, config_cls, model_cls, text: dict, vision: dict,
+          hub: HubFiles | None = None):
+    """Qwen-VL families: dynamic resolution, bounded to 2x2..4x4 merged patches (4-16 image tokens)."""
+    import transformers as T
+
+    if hub is None:
+        tok = tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                          "<|image_pad|>", "<|video_pad|>"], eos="<|im_end|>", pad="<|endoftext|>", extra=_QWEN_EXTRA,
+                         template=trl_template(template))
+        side = 2 * patch * 2  # merge 2 x patch size: the smallest image side the processor produces
+        ip = T.Qwen2VLImageProcessor(size={"shortest_edge": side * side, "longest_edge": (2 * side) ** 2},
+                                     patch_size=patch, merge_size=2, temporal_patch_size=2)
+        proc = proc_cls(image_processor=ip, tokenizer=tok, video_processor=video_cls(),
+                        chat_template=tok.chat_template)
+        merge, temporal = 2, 2
+    else:
+        proc, real = hub.processor(), hub.model_config().vision_config
+        patch, merge, temporal = real.patch_size, real.spatial_merge_size, real.temporal_patch_size
+    tok = proc.tokenizer
+    cfg = config_cls(
+        text_config=text_config(p, tok, **text),
+        vision_config=dict(depth=p["v_layers"], num_heads=p["v_heads"], patch_size=patch, spatial_merge_size=merge,
+                           temporal_patch_size=temporal, **vision),
+        **dict(zip(["image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"],
+                   token_ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))))
+    return model_cls(cfg), proc
+
+
+def qwen2_vl(p, hub: HubFiles | None = None):
+    import transformers as T
+
+    rope = {"rope_type": "default", "mrope_section": mrope_sections(p), "rope_theta": 10000.0}
+    # Qwen2-VL ships the same template as Qwen2.5-VL (byte-identical, says TRL)
+    return _qwen(p, "qwen2_5_vl", 14, T.Qwen2VLProcessor, T.Qwen2VLVideoProcessor, T.Qwen2VLConfig,
+                 T.Qwen2VLForConditionalGeneration, text=dict(rope_parameters=rope),
+                 vision=dict(embed_dim=p["v_hidden"], hidden_size=p["hidden"], in_chans=3,
+                             mlp_ratio=p["v_intermediate"] // p["v_hidden"]), hub=hub)
+
+
+def qwen2_5_vl(p, hub: HubFiles | None = None):
+    import transformers as T
+
+    rope = {"rope_type": "default", "mrope_section": mrope_sections(p), "rope_theta": 10000.0}
+    depth = p["v_layers"]
+    # window of 56 px = 2x2 merged patches (a replica keeps its checkpoint's); every other block attends globally
+    window = hub.model_config().vision_config.window_size if hub else 56
+    return _qwen(p, "qwen2_5_vl", 14, T.Qwen2_5_VLProcessor, T.Qwen2VLVideoProcessor, T.Qwen2_5_VLConfig,
+                 T.Qwen2_5_VLForConditionalGeneration, text=dict(rope_parameters=rope),
+                 vision=dict(hidden_size=p["v_hidden"], out_hidden_size=p["hidden"], in_channels=3,
+                             intermediate_size=p["v_intermediate"], window_size=window,
+                             fullatt_block_indexes=list(range(1, depth, 2))), hub=hub)
+
+
+def qwen3_vl(p, hub: HubFiles | None = None):
+    import transformers as T
+
+    rope = {"rope_type": "default", "mrope_section": mrope_sections(p), "mrope_interleaved": True,
+            "rope_theta": 10000.0}
+    # 16 learned positions = a 4x4 grid, interpolated to other sizes (a replica keeps its checkpoint's 48x48);
+    # DeepStack taps every other block
+    positions = hub.model_config().vision_config.num_position_embeddings if hub else 16
+    return _qwen(p, "qwen3_vl", 16, T.Qwen3VLProcessor, T.Qwen3VLVideoProcessor, T.Qwen3VLConfig,
+                 T.Qwen3VLForConditionalGeneration, text=dict(rope_parameters=rope, head_dim=head_dim(p)),
+                 vision=dict(hidden_size=p["v_hidden"], out_hidden_size=p["hidden"], in_channels=3,
+                             intermediate_size=p["v_intermediate"], num_position_embeddings=positions,
+                             deepstack_visual_indexes=list(range(0, p["v_layers"] - 1, 2))), hub=hub)

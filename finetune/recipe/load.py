@@ -1,0 +1,252 @@
+"""Recipes: YAML files loaded into one typed dataclass per section, validated before anything heavy is loaded.
+
+Every error names the dotted key (`lora.r: must be > 0, got 0`) and suggests the closest valid key for typos.
+The sections are declared in finetune.recipe.sections; the `training:` section takes the trainer config's keys
+verbatim (finetune.recipe.training). Checks that span sections are here (`validate_combinations`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import RecipeError
+from ..models.families import FAMILIES
+from ..models.zoo import parse_name
+from .sections import (DataConfig, EvaluationConfig, ExportConfig, GuardsConfig, LoraConfig, ModelConfig,
+                       QuantizationConfig)
+from .training import (METHODS, REFUSED_DPO_KEYS, REFUSED_TRAINING_KEYS, RENAMED_TRAINING_KEYS, SANE_LEARNING_RATES,
+                       training_config_class, trl_config)
+from .types import check_choice, coerce
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig
+    quantization: QuantizationConfig
+    #: `trl.SFTConfig` or `trl.DPOConfig` fields, per `training.method` (see `training_config_class`).
+    training: Any
+    export: ExportConfig
+    evaluation: EvaluationConfig
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
+    #: The file this recipe came from (None when built from a dict).
+    source: Path | None = None
+
+    def sft_config(self, **overrides: Any):
+        """The TRL config for this recipe (`trl.SFTConfig`, or `trl.DPOConfig` for `training.method: dpo`)."""
+        return trl_config(self.training, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Only the values that differ from defaults for `training`; every field for the other sections."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS if name != "training"}
+        default_training = training_config_class(self.training.method)()
+        out["training"] = {
+            f.name: getattr(self.training, f.name)
+            for f in dataclasses.fields(self.training)
+            if getattr(self.training, f.name) != getattr(default_training, f.name)
+        }
+        return _plain(out)
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lora": LoraConfig,
+    "quantization": QuantizationConfig,
+    "training": None,  # resolved lazily: importing trl is slow and `finetune --help` should not pay for it
+    "export": ExportConfig,
+    "evaluation": EvaluationConfig,
+    "guards": GuardsConfig,
+}
+REQUIRED_SECTIONS = ("model", "data")
+
+
+def load_recipe(source: str | Path | dict, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a recipe (a YAML path or an already-parsed dict), apply `key=value` overrides, validate everything."""
+    path = None
+    if isinstance(source, dict):
+        raw = _deepcopy(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    where = f"{path}: " if path else ""
+    try:
+        for item in overrides:
+            apply_override(raw, item)
+        recipe = build_recipe(raw)
+    except RecipeError as e:
+        raise RecipeError(f"{where}{e}") from None
+    recipe.source = path
+    if path is not None and "output_dir" not in (raw.get("training") or {}):
+        recipe.training.output_dir = str(Path("runs") / path.stem)
+    return recipe
+
+
+def parse_yaml(text: str, name: str = "<recipe>") -> dict:
+    """YAML through the safe loader only: tags such as `!!python/object` are refused, never executed."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        mark = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
+        raise RecipeError(f"{name}{mark}: {e.problem}; recipes are read with a safe YAML loader") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{name}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{name}: a recipe is a mapping of sections (model, data, ...), got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `section.key=value` override (value parsed as YAML, so `1e-4`, `true`, `[a, b]` work)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override '{item}': expected section.key=value, e.g. training.learning_rate=1e-4")
+    parts = key.strip().split(".")
+    if len(parts) < 2:
+        raise RecipeError(f"override '{item}': expected section.key=value, e.g. training.learning_rate=1e-4")
+    check_choice("override", parts[0], SECTIONS, what="section")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override '{item}': {part} is not a section")
+    node[parts[-1]] = parse_yaml(f"v: {value}")["v"] if value.strip() else None
+
+
+def build_recipe(raw: dict) -> Recipe:
+    for name in raw:
+        check_choice("recipe", name, SECTIONS, what="section")
+    for name in REQUIRED_SECTIONS:
+        if name not in raw:
+            raise RecipeError(f"{name}: section is required")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        body = raw.get(name) or {}
+        if not isinstance(body, dict):
+            raise RecipeError(f"{name}: expected a mapping of keys, got {type(body).__name__}")
+        if name == "training":
+            method = body.get("method", "sft")
+            check_choice("training.method", method, METHODS, what="method")
+            refused = REFUSED_TRAINING_KEYS if method == "sft" else REFUSED_DPO_KEYS
+            for key in body:
+                if key in refused:
+                    raise RecipeError(f"training.{key}: not supported: {refused[key]}")
+            body = _renamed_training_keys(body)
+            cls = training_config_class(method)
+        sections[name] = _build_section(cls, body, name)
+    recipe = Recipe(**sections)
+    validate_combinations(recipe)
+    return recipe
+
+
+def _renamed_training_keys(body: dict) -> dict:
+    """`training:` with transformers' deprecated key names read as their current ones (one warning each)."""
+    body = dict(body)
+    for old, new in RENAMED_TRAINING_KEYS.items():
+        if old not in body:
+            continue
+        if new in body:
+            raise RecipeError(f"training.{old}: the deprecated name of training.{new}; set only {new}")
+        warnings.warn(f"training.{old} is deprecated (transformers 5; removed in v6): read as training.{new}, "
+                      "the name to use in recipes", FutureWarning, stacklevel=2)
+        body[new] = body.pop(old)
+    return body
+
+
+def _build_section(cls: type, body: dict, prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls) if cls.__module__ != "types" else {f.name: f.type for f in fields.values()}
+    values = {}
+    for key, value in body.items():
+        check_choice(prefix, key, fields, what="key")
+        values[key] = coerce(value, hints.get(key, Any), f"{prefix}.{key}")
+    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecipeError(f"{prefix}.{missing[0]}: required")
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def validate_combinations(r: Recipe) -> None:
+    dpo = r.training.method == "dpo"
+    if dpo != (r.data.format == "preference"):
+        raise RecipeError(
+            "training.method: dpo trains on data.format preference (image(s), prompt, chosen, rejected)"
+            if dpo else "data.format: preference rows train with training.method: dpo")
+    if dpo and r.data.streaming:
+        raise RecipeError("data.streaming: not supported with training.method dpo")
+    if not dpo and r.training.packing:
+        if r.data.streaming:
+            raise RecipeError("training.packing: not supported with data.streaming (packs are planned from the "
+                              "pre-flight scan's lengths of every row)")
+        if r.training.packing_strategy != "bfd":
+            raise RecipeError(f"training.packing_strategy: {r.training.packing_strategy!r} is not supported; finetune "
+                              "packs whole samples (bfd): a sample split across rows would lose its images")
+        if r.training.max_length is None:
+            raise RecipeError("training.max_length: required with training.packing (the length of a packed row)")
+    if dpo and r.evaluation.every_n_steps:
+        raise RecipeError("evaluation.every_n_steps: not supported with training.method dpo (TRL logs reward "
+                          "margins and accuracies every training.logging_steps)")
+    if r.model.trust_remote_code and not r.model.revision:
+        raise RecipeError(
+            "model.trust_remote_code: runs code downloaded with the model; pin model.revision to a commit hash "
+            "so that code cannot change under you"
+        )
+    low, high = SANE_LEARNING_RATES
+    if not low <= r.training.learning_rate <= high and not r.guards.allow_unusual_learning_rate:
+        raise RecipeError(
+            f"training.learning_rate: {r.training.learning_rate:g} is outside {low:g}..{high:g}, the range LoRA "
+            "fine-tuning uses (typo? 2e-4 is usual); set guards.allow_unusual_learning_rate: true if you mean it")
+    if r.training.resume not in (None, "auto") and not r.training.resume.strip():
+        raise RecipeError("training.resume: empty; use null, auto, or a checkpoint folder")
+    if r.training.max_length is not None and r.training.max_length <= 0:
+        raise RecipeError(f"training.max_length: must be > 0 or null, got {r.training.max_length}")
+    if r.training.truncation_mode == "keep_end":
+        raise RecipeError("training.truncation_mode: keep_end would cut image tokens out of the prompt")
+    if r.lora.target_modules is None and r.quantization.load_in_4bit and r.training.fp16 and r.quantization.compute_dtype == "bfloat16":
+        raise RecipeError("quantization.compute_dtype: bfloat16 compute with training.fp16=true mixes precisions; "
+                          "use compute_dtype float16 or training.bf16")
+    if r.data.streaming and (r.training.max_steps is None or r.training.max_steps <= 0):
+        raise RecipeError("data.streaming: a stream has no known length; set training.max_steps")
+    if r.evaluation.every_n_steps and not r.data.eval_split:
+        raise RecipeError("evaluation.every_n_steps: evaluation needs data.eval_split")
+    if r.data.eval_split is None and r.training.eval_strategy not in ("no", None):
+        raise RecipeError("training.eval_strategy: evaluation needs data.eval_split")
+    if r.model.name_or_path.startswith("zoo:"):
+        family, folder, _ = parse_name(r.model.name_or_path)
+        if folder is None:
+            check_choice("model.name_or_path", family, FAMILIES, what="zoo family")
+        elif not (folder / "config.json").is_file():
+            raise RecipeError(f"model.name_or_path: {folder}: not a folder of hub checkpoint files (no config.json)")
+
+
+def _deepcopy(raw: dict) -> dict:
+    return yaml.safe_load(yaml.safe_dump(raw))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    return value
