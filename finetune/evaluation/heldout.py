@@ -65,6 +65,7 @@ def row_examples(sample: dict) -> list[Example]:
                            list(sample["videos"] or [])[:shown.count("video")], turn=len(out)))
     return out
 
+
 #: Columns that commonly say what kind of question a row asks, or where it came from (ChartQA: human_or_machine).
 GROUP_COLUMNS = ("question_type", "type", "category", "source", "human_or_machine")
 #: Without such a column, templated eval sets (a few distinct questions) are broken down by the question itself.

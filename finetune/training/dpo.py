@@ -68,11 +68,11 @@ def before_after(run, out: Path) -> dict:
     cfg = run.recipe.evaluation
     model = run.trainer.model
     model.eval()
-    collator = PreferenceCollator(run.processor, run.family)
+    pairs = collator(run.processor, run.family)
     rows = run.eval_data.select(range(min(cfg.limit or len(run.eval_data), len(run.eval_data))))
     with reference(model):
-        pref_before = preference_accuracy(model, collator, rows, cfg.batch_size)
-    pref_after = preference_accuracy(model, collator, rows, cfg.batch_size)
+        pref_before = preference_accuracy(model, pairs, rows, cfg.batch_size)
+    pref_after = preference_accuracy(model, pairs, rows, cfg.batch_size)
 
     metric = metric_for(run.recipe, None)
     items = examples(rows)  # the prompts, with the chosen reply as the reference answer

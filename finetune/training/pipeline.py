@@ -1,4 +1,4 @@
-"""The training run, top to bottom: recipe -> processor and model -> data -> trainer -> train -> save."""
+"""The training run, top to bottom: recipe -> processor and model -> data -> trainer -> train -> save -> merge/push."""
 
 from __future__ import annotations
 
