@@ -28,11 +28,13 @@ def train(recipe, overrides: Sequence[str] = (), overwrite: bool = False) -> Pat
     return _train(recipe, overrides, overwrite=overwrite)
 
 
-def check(recipe, overrides: Sequence[str] = (), show_labels: int = 0, data: bool = True) -> dict:
-    """Validate a recipe and (unless `data=False`) scan its data without training; returns the report."""
+def check(recipe, overrides: Sequence[str] = (), show_labels: int = 0, data: bool = True,
+          accelerate_config: str | None = None) -> dict:
+    """Validate a recipe (against `accelerate_config`, an accelerate config file, when given) and (unless
+    `data=False`) scan its data without training; returns the report."""
     from .training.preflight import check as _check
 
-    return _check(recipe, overrides, show_labels=show_labels, data=data)
+    return _check(recipe, overrides, show_labels=show_labels, data=data, accelerate_config=accelerate_config)
 
 
 def load_recipe(source, overrides: Sequence[str] = ()):

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-labels", type=int, default=0, metavar="N",
                    help="print N collated samples with the loss-carrying tokens marked [[like this]]")
     p.add_argument("--no-data", action="store_true", help="validate the recipe only; do not load the processor or data")
+    p.add_argument("--accelerate-config", metavar="PATH",
+                   help="also check the recipe against this accelerate config (strategy, mixed precision, 4-bit "
+                        "storage), as `accelerate launch --config_file PATH` would run it")
     p = sub.add_parser("eval", help="score a run, merged export or base model on held-out data",
                        description="Greedy generation on a split, scored per task (ChartQA relaxed accuracy, exact "
                                    "match, ANLS, VQA accuracy). Writes predictions.jsonl and metrics.json.",
@@ -154,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             out = finetune.train(args.recipe, args.overrides, overwrite=args.overwrite)
             print(out)
         elif args.command == "check":
-            finetune.check(args.recipe, args.overrides, show_labels=args.show_labels, data=not args.no_data)
+            finetune.check(args.recipe, args.overrides, show_labels=args.show_labels, data=not args.no_data,
+                           accelerate_config=args.accelerate_config)
         elif args.command == "eval":
             finetune.evaluate(args.target, split=args.split, limit=args.limit, metric=args.metric,
                               recipe=args.recipe, out_dir=args.out, batch_size=args.batch_size)

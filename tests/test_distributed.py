@@ -41,6 +41,7 @@ def test_two_process_cpu_training(tmp_path):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["steps"] == 4 and len(summary["loss_curve"]) == 4
+    assert summary["distributed"] == {"strategy": "DDP", "world_size": 2}
     assert result.stdout.count("[finetune] done in") == 1
     # The data was scanned once, by rank 0; rank 1 waited and loaded the cached scan.
     assert result.stdout.count("[finetune] rank 0: pre-flight scan of 32 rows (header check") == 1

@@ -111,6 +111,7 @@ def trained(tmp_path_factory):
     run = prepare(recipe)
     started = time.time()
     result = run.trainer.train()
+    run.trainer.save_model(str(out))
     save(run, result, out, started, run.trainer.throughput(result.metrics["train_runtime"]))
     model = run.trainer.model
     facts = {"device": str(next(model.parameters()).device), "args_device": str(run.trainer.args.device),

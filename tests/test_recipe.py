@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from finetune.recipe import RecipeError, load_recipe, parse_yaml
+from finetune.recipe.distributed import check_launch, from_accelerate_config
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 MINIMAL = {"model": {"name_or_path": "zoo:llava"}, "data": {"path": "data/chartqa-tiny", "format": "chartqa"}}
@@ -127,13 +128,14 @@ def test_accelerate_configs_parse_and_state_their_command(path):
     assert f"accelerate launch --config_file recipes/accelerate/{path.name}" in first and "-m finetune train" in first
     recipe, *overrides = first.split("-m finetune train ", 1)[1].split()[:1] + [
         o for o in first.split("-m finetune train ", 1)[1].split()[1:] if "=" in o]
-    load_recipe(Path(__file__).parents[1] / recipe, overrides)  # the recipe and overrides it names are valid
+    loaded = load_recipe(Path(__file__).parents[1] / recipe, overrides)  # the recipe and overrides it names are valid
+    check_launch(loaded, from_accelerate_config(path))  # and agree with the config (precision, strategy, 4-bit)
     assert config.num_processes >= 1
 
 
 def test_accelerate_configs_cover_the_setups():
     names = {p.name for p in ACCELERATE}
-    assert {"single-gpu.yaml", "multi-gpu-ddp.yaml", "fsdp2-qlora.yaml", "deepspeed-zero2.yaml",
+    assert {"single-gpu.yaml", "fsdp2-cpu.yaml", "multi-gpu-ddp.yaml", "fsdp2-qlora.yaml", "deepspeed-zero2.yaml",
             "deepspeed-zero3.yaml", "two-node.yaml"} <= names
 
 

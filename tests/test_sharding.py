@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from finetune.recipe import RecipeError
-from finetune.training.sharding import refuse_text_only_rows_when_sharded, sharded_strategy
+from finetune.training.sharding import refuse_text_only_rows_when_sharded, requested_strategy, sharded_strategy
 
 
 def args(fsdp="", deepspeed=None):
@@ -20,6 +20,9 @@ def test_sharded_strategy_is_read_from_the_recipe_and_from_accelerate_launch(tmp
     assert sharded_strategy(args(), {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}) \
         == "DeepSpeed ZeRO-3"
     assert sharded_strategy(args(), {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}) is None
+    assert requested_strategy(args(), {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}) \
+        == "DeepSpeed ZeRO-2"
+    assert requested_strategy(args(fsdp=True), {}) == "FSDP" and requested_strategy(args(), {}) is None
     assert sharded_strategy(args(deepspeed={"zero_optimization": {"stage": 3}}), {}) == "DeepSpeed ZeRO-3"
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))

@@ -20,6 +20,7 @@ import yaml
 from ..errors import RecipeError
 from ..models.families import FAMILIES
 from ..models.zoo import parse_name
+from .distributed import validate_distributed
 from .sections import (DataConfig, EvaluationConfig, ExportConfig, GuardsConfig, LoraConfig, ModelConfig,
                        QuantizationConfig)
 from .training import (METHODS, REFUSED_DPO_KEYS, REFUSED_TRAINING_KEYS, RENAMED_TRAINING_KEYS, SANE_LEARNING_RATES,
@@ -228,6 +229,7 @@ def validate_combinations(r: Recipe) -> None:
         raise RecipeError("evaluation.every_n_steps: evaluation needs data.eval_split")
     if r.data.eval_split is None and r.training.eval_strategy not in ("no", None):
         raise RecipeError("training.eval_strategy: evaluation needs data.eval_split")
+    validate_distributed(r)
     if r.model.name_or_path.startswith("zoo:"):
         family, folder, _ = parse_name(r.model.name_or_path)
         if folder is None:

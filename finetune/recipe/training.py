@@ -52,6 +52,11 @@ RENAMED_TRAINING_KEYS = {
 }
 
 
+#: Keys whose annotation in transformers is narrower than what it accepts: `fsdp: true` is the form its own help and
+#: deprecation warning ask for (the strings are deprecated), but it is annotated `str | None`.
+WIDENED_TYPES = {"fsdp": bool | str | None}
+
+
 def trl_name(config: type, name: str) -> str:
     """The name the installed TRL config has for recipe key `name` (old transformers: the pre-rename one)."""
     if name in {f.name for f in dataclasses.fields(config)}:
@@ -105,7 +110,7 @@ def training_config_class(method: str = "sft") -> type:
             spec = field(default_factory=f.default_factory)
         else:
             spec = field(default=None)
-        specs.append((renamed.get(f.name, f.name), hints.get(f.name, Any), spec))
+        specs.append((renamed.get(f.name, f.name), WIDENED_TYPES.get(f.name, hints.get(f.name, Any)), spec))
     # `method` keeps its default "sft" in both classes, so a dpo recipe always writes it out (recipe.yaml).
     specs += [(name, ann, field(default=default)) for name, ann, default, _ in TRAINING_EXTENSIONS if name not in names]
     return dataclasses.make_dataclass(f"TrainingConfig_{method}", specs)

@@ -18,8 +18,18 @@ from pathlib import Path
 MARKER = "finetune-checkpoint.json"
 STAGING = ".partial"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# What an exact resume needs besides the adapter: optimizer, scheduler, trainer state and RNG streams.
-RESUME_STATE = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state*.pth")
+# What an exact resume needs: weights, optimizer, scheduler, trainer state and RNG streams. Each is one of several
+# layouts, as each distributed mode writes it: plain (optimizer.pt), FSDP (pytorch_model_fsdp_0/, optimizer_0/, or
+# .bin files for a full state dict), DeepSpeed (global_stepN/ holds the model and optimizer states of every rank).
+RESUME_STATE = {
+    "adapter_model.safetensors": ("adapter_model.safetensors", "pytorch_model_fsdp*", "global_step*/*model_states.pt"),
+    "optimizer.pt": ("optimizer.pt", "optimizer_0", "optimizer.bin", "global_step*/*optim_states.pt"),
+    "scheduler.pt": ("scheduler.pt",),
+    "trainer_state.json": ("trainer_state.json",),
+    "rng_state*.pth": ("rng_state*.pth",),
+}
+ALTERNATIVES = {"adapter_model.safetensors": " (or pytorch_model_fsdp_0/ under FSDP, global_stepN/ under DeepSpeed)",
+                "optimizer.pt": " (or optimizer_0/ under FSDP, global_stepN/ under DeepSpeed)"}
 # A pickle of TrainingArguments that HF writes beside every save; recipe.yaml records the same as text.
 PICKLED_ARGS = "training_args.bin"
 
@@ -88,9 +98,8 @@ def leftovers(out: Path) -> list[Path]:
 
 
 def missing_resume_state(path: Path) -> list[str]:
-    missing = [pattern for pattern in RESUME_STATE if not any(path.glob(pattern))]
-    if not any(path.glob("adapter_model.safetensors")):
-        missing.append("adapter_model.safetensors")
+    missing = [name + ALTERNATIVES.get(name, "") for name, layouts in RESUME_STATE.items()
+               if not any(any(path.glob(layout)) for layout in layouts)]
     if not (path / MARKER).exists():
         missing.append(f"{MARKER} (the completion marker)")
     elif not is_complete(path):

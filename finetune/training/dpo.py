@@ -68,6 +68,10 @@ def before_after(run, out: Path) -> dict:
     cfg = run.recipe.evaluation
     model = run.trainer.model
     model.eval()
+    if run.recipe.model.adapter and REFERENCE_ADAPTER not in getattr(model, "peft_config", {}):
+        # Reloaded from the written adapter (a sharded run, finetune.training.pipeline.reload_adapter): the
+        # reference is the starting adapter again.
+        model.load_adapter(run.recipe.model.adapter, REFERENCE_ADAPTER)
     pairs = collator(run.processor, run.family)
     rows = run.eval_data.select(range(min(cfg.limit or len(run.eval_data), len(run.eval_data))))
     with reference(model):

@@ -17,6 +17,7 @@ from ..batching.streaming import streamed
 from ..console import quiet_library_warnings
 from ..data.rows import RowReader, chat_rows, source_rows
 from ..evaluation.in_training import during_training
+from ..evaluation.inference import load_target
 from ..evaluation.plots import training_figure
 from ..evaluation.report import loss_points, metric_points, write_recipe, write_summary
 from ..export.hub import push
@@ -25,11 +26,15 @@ from ..models.families import Family
 from ..models.loading import load_family, load_model, load_processor
 from ..models.lora import LoraPlan, plan_lora, trainable_by_group
 from ..recipe import Recipe, RecipeError, load_recipe
+from ..recipe.distributed import check_launch, from_environment
 from . import dpo, sft
 from .adapter import continue_from
-from .checkpoints import CHECKPOINT, checkpoints, leftovers, newest_complete, resume_point, step_of
+from .checkpoints import CHECKPOINT, CheckpointError, checkpoints, leftovers, newest_complete, resume_point, step_of
 from .guards import HealthMonitor, TrainingInterrupted
-from .sharding import refuse_text_only_rows_when_sharded, sharded_strategy
+from .sharding import leave_sharding, refuse_text_only_rows_when_sharded, sharded_strategy
+
+#: What `finetune merge`, `push` and `PeftModel.from_pretrained` read from a run folder.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 #: Each `training.method` is a module: its Trainer, collator, held-out comparison and what it saves.
 METHODS = {"sft": sft, "dpo": dpo}
@@ -76,17 +81,25 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
             f"finetune train {recipe.source or 'RECIPE'} training.resume=auto")
     throughput = run.trainer.throughput(result.metrics["train_runtime"])  # collectives: every rank calls them
     decode_failures = run.trainer.dropped_during_training()
-    if run.trainer.is_world_process_zero():
-        save(run, result, out, started, throughput, decode_failures)
-        if run.eval_data is not None and recipe.evaluation.enabled:
-            METHODS[recipe.training.method].before_after(run, out)
-        export_run(recipe, out)
+    run.trainer.save_model(str(out))  # every rank: sharded weights are gathered before rank 0 writes them
+    if not run.trainer.is_world_process_zero():
+        return out
+    save(run, result, out, started, throughput, decode_failures)
+    sharded = weights_sharded(run.trainer.distributed)
+    if sharded:
+        leave_sharding()
+    if run.eval_data is not None and recipe.evaluation.enabled:
+        if sharded:
+            reload_adapter(run, out)
+        METHODS[recipe.training.method].before_after(run, out)
+    export_run(recipe, out)
     return out
 
 
 def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
     """Load processor, data (scanned), model and adapters, and build the trainer of `training.method` (METHODS).
     `resume_step`: the step of the checkpoint a run resumes from (a stream continues from the batch after it)."""
+    check_launch(recipe, from_environment())  # the launcher's settings agree with the recipe's, before any work
     # Processor first: it is cheap, and the data scan needs it before any weights are read.
     model_path, family, processor, collator = load_processing(recipe)
     packing = recipe.training.method == "sft" and recipe.training.packing
@@ -179,7 +192,9 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
          decode_failures: dict | None = None) -> None:
     """Adapter + processor (everything inference needs), the resolved recipe, summary and loss curve."""
     trainer = run.trainer
-    trainer.save_model(str(out))
+    missing = [name for name in ADAPTER_FILES if not (out / name).is_file()]
+    if missing:  # a run that cannot be merged or pushed must not look finished
+        raise CheckpointError(f"training finished but the adapter was not written: {out} lacks {', '.join(missing)}")
     method_facts = METHODS[run.recipe.training.method].saved(run, out)
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml records the same, as text
     run.processor.save_pretrained(str(out))
@@ -190,6 +205,7 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
     write_summary({
         "base_model": run.recipe.model.name_or_path,
         "family": run.family.name,
+        "distributed": trainer.distributed,  # read from the prepared model: what really ran
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "first_loss": points[0][1] if points else None,
@@ -219,6 +235,18 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
     for reason, info in ((decode_failures or {}).get("rows") or {}).items():
         print(f"[finetune] left out during training ({reason}): {info['count']} rows, ids {info['row_ids'][:10]}; "
               f"e.g. {info['example']}")
+
+
+def weights_sharded(distributed: dict | None) -> bool:
+    """FSDP and ZeRO-3 split the weights across ranks: a forward pass needs every rank."""
+    return bool(distributed) and distributed["strategy"].startswith(("FSDP", "DeepSpeed ZeRO-3"))
+
+
+def reload_adapter(run: Run, out: Path) -> None:
+    """Put the base model with the adapter just written in place of the sharded one, for work one process does alone
+    (the held-out evaluation): sharded weights can only run with every rank taking part."""
+    model = load_target(out).model
+    run.trainer.model = run.trainer.model_wrapped = model
 
 
 def export_run(recipe: Recipe, out: Path) -> None:

@@ -7,14 +7,19 @@ from typing import Sequence
 
 from ..batching.collate import IGNORE_INDEX
 from ..recipe import Recipe, load_recipe
+from ..recipe.distributed import check_launch, from_accelerate_config, from_environment
 from .pipeline import load_processing, scanned
 
 
 def check(recipe: Recipe | str | dict, overrides: Sequence[str] = (), show_labels: int = 0,
-          data: bool = True) -> dict:
+          data: bool = True, accelerate_config: str | None = None) -> dict:
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    print(f"[finetune] recipe OK: {recipe.source or '<dict>'}")
+    launch = from_accelerate_config(accelerate_config) if accelerate_config else from_environment()
+    check_launch(recipe, launch)
+    print(f"[finetune] recipe OK: {recipe.source or '<dict>'}"
+          + (f" (with {accelerate_config}: {launch.strategy or 'no sharding'}, mixed precision "
+             f"{launch.mixed_precision})" if accelerate_config else ""))
     report: dict = {"recipe": recipe.to_dict()}
     if not data:
         return report

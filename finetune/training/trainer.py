@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -23,6 +23,7 @@ from ..console import rounded
 from . import checkpoints
 from .attention import attention_per_sample, image_block_masks, rope_positions
 from .guards import HealthMonitor, SaveOnInterrupt, refuse_nonfinite_weights
+from .sharding import enable_fsdp_on_cpu, full_trainable_state, refuse_fallback, requested_strategy, strategy_of
 
 
 class Guarded:
@@ -52,6 +53,7 @@ class Guarded:
         self.seen = torch.zeros(3, dtype=torch.long)  # samples, real tokens, padded positions (this process)
         self.dropped_in_training: dict[str, list[tuple[int, str]]] = {}  # reason -> (row id, problem)
         self.empty_batches = 0
+        self.distributed: dict | None = None  # {strategy, world_size}, read from the prepared model (strategy_of)
         self._skip_batch = False
         self._staging: Path | None = None
         self._last_log: tuple[float, torch.Tensor] | None = None  # (time, all ranks' counts) at the previous log
@@ -60,8 +62,14 @@ class Guarded:
         if isinstance(stream, (StreamingRows, PackedRows)):
             self.train_dataset = stream
         self.add_callback(self.interrupt)
+        self.add_callback(DistributedCheck(self))
         if self.callback_handler.pop_callback(ProgressCallback) is not None:
             self.add_callback(NumericProgress)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if enable_fsdp_on_cpu(self.accelerator, self.args):  # accelerate turns FSDP on for GPUs only
+            self.is_fsdp_enabled = True
 
     # --- counting and guarding every batch ---------------------------------------------------------------------
 
@@ -210,6 +218,16 @@ class Guarded:
                                best_model_checkpoint=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The adapter as an ordinary PEFT adapter in every mode (a collective: every rank calls it). Under FSDP and
+        DeepSpeed the trainable weights are gathered whole first: transformers writes nothing for a sharded state
+        dict, and peft cannot save FSDP2's sharded tensors."""
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            return super().save_model(output_dir, _internal_call)
+        state = full_trainable_state(self.model)
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # TRL keeps QLoRA adapters in bfloat16, but peft upcasts adapters it loads to float32; a resumed run must
         # continue in the dtype it was trained in, or it drifts from the uninterrupted one.
@@ -307,6 +325,19 @@ def lm_head_on_supervised_positions():
         yield
     finally:
         trl_utils._use_triton = decide
+
+
+class DistributedCheck(TrainerCallback):
+    """Once the model is prepared: read how it is distributed, stop if that is not what the run asked for, say it."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        ran = self.trainer.distributed = strategy_of(self.trainer)
+        refuse_fallback(requested_strategy(args), ran)
+        if state.is_world_process_zero:
+            print(f"[finetune] distributed: {ran['strategy']}, world size {ran['world_size']}", flush=True)
 
 
 class NumericProgress(ProgressCallback):
