@@ -99,7 +99,10 @@ def test_shipped_config_shards_trains_like_one_process_writes_the_adapter_and_re
     fresh = load_target(out).model.eval()
     with torch.no_grad():
         logits = fresh(**saved["inputs"]).logits
+        with fresh.disable_adapter():
+            untrained = fresh(**saved["inputs"]).logits
     assert (logits - saved["logits"]).abs().max().item() < 1e-5
+    assert (untrained - saved["logits"]).abs().max().item() > 0.1  # the adapter matters (seen: 4.0)
 
     # Every mode's checkpoint is recognised, by explicit path and by `auto`; resuming gives the same losses.
     checkpoint = out / "checkpoint-2"
