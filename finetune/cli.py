@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="training run folder (adapter + recipe.yaml)")
     p.add_argument("--out", help="export folder (default: RUN_DIR/merged)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weight dtype of the export (default: the recipe's export.merge_dtype)")
+                   help="weight dtype of the export (default: the recipe's export.merge_dtype; auto = as the base "
+                        "checkpoint is stored)")
     p.add_argument("--onto-dequantized", action="store_true",
                    help="QLoRA runs: merge onto the NF4-dequantized weights the adapter was trained against")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check")
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
     from .batching import DataRefused, TemplateError
     from .data import DataError
-    from .errors import RecipeError
+    from .errors import RecipeError, SourceNotFound
     from .export import ExportError  # also ParityError and HubError
     from .models import UnsupportedModelError
     from .training import CheckpointError, TrainingHealthError, TrainingInterrupted
@@ -187,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"finetune: {e}", file=sys.stderr)
         return 130
+    except SourceNotFound as e:  # bad input, like a usage error: the id or path as given does not exist
+        print(f"finetune: error: {e}", file=sys.stderr)
+        return 2
     except (RecipeError, DataError, DataRefused, TemplateError, UnsupportedModelError, FileNotFoundError,
             ExportError, CheckpointError, TrainingHealthError) as e:
         print(f"finetune: error: {e}", file=sys.stderr)

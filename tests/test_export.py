@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
@@ -234,3 +235,25 @@ def test_training_writes_the_merged_export_when_the_recipe_asks(tmp_path):
                             "export.merge_dtype=float32"))
     parity = json.loads((out / "merged" / "parity.json").read_text())
     assert parity["passed"] and parity["max_abs_diff"] < 1e-4 and parity["merge"]["dtype"] == "float32"
+
+
+def test_merge_keeps_the_base_dtype_unless_asked(runs, tmp_path):
+    from types import SimpleNamespace
+
+    from finetune.models.loading import stored_dtype
+
+    # The zoo base is stored in float32: the default export is float32, never silently rounded to 16 bits.
+    out = merge(runs("llava"), tmp_path / "default")
+    report = json.loads((out / "parity.json").read_text())
+    assert report["merge"]["dtype"] == "float32" and report["passed"] and report["max_abs_diff"] < 1e-4
+    for weights in out.glob("*.safetensors"):
+        with safe_open(str(weights), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    # A checkpoint stored in bfloat16 (as the hub's 7B models are) merges to bfloat16 by default.
+    base = load_recipe(runs("llava") / "recipe.yaml").model
+    folder = tmp_path / "bf16-base"
+    folder.mkdir()
+    config = json.loads((Path(load_family(base)[0]) / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert stored_dtype(SimpleNamespace(name_or_path=str(folder), revision=None, trust_remote_code=False)) == "bfloat16"
+    assert stored_dtype(base) == "float32"

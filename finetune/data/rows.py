@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import not_found
 from .formats import FORMATS, RowError, expand_captions
 from .images import image_size, load_image, load_video
 
@@ -41,6 +42,8 @@ def load_rows(path: str, split: str, max_samples: int | None = None, streaming: 
             ds = load_dataset(str(path), split=split)
         except ValueError as e:
             raise DataError(f"data.path: cannot load split '{split}' from {path}: {e}") from e
+        except OSError as e:  # ConnectionError and DatasetNotFoundError: a typo, no network or offline mode
+            raise not_found("data.path", str(path), e) from e
     for column, feature in (ds.features or {}).items():  # keep images as bytes/paths; they are decoded per batch
         if isinstance(feature, datasets.Image):
             ds = ds.cast_column(column, datasets.Image(decode=False))

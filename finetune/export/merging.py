@@ -22,7 +22,7 @@ import torch
 
 from ..batching.collate import ChatCollator
 from ..data.rows import DataError, chat_dataset, with_reply
-from ..models.loading import DTYPES, load_family, load_model, load_processor
+from ..models.loading import DTYPES, load_family, load_model, load_processor, stored_dtype
 from ..recipe import QuantizationConfig, Recipe, load_recipe
 from .card import render_card, serving_warnings
 from .parity import compare, max_abs_diff, model_outputs
@@ -52,6 +52,8 @@ def merge(run_dir: str | Path, out: str | Path | None = None, dtype: str | None 
     run_dir = Path(run_dir)
     recipe = run_recipe(run_dir)
     dtype = dtype or recipe.export.merge_dtype
+    if dtype == "auto":  # as the base is stored: a float32 base is never rounded to 16 bits unless asked
+        dtype = stored_dtype(recipe.model)
     if dtype not in DTYPES:
         raise ExportError(f"dtype: unknown '{dtype}'; choose from {', '.join(DTYPES)} (recipe key export.merge_dtype)")
     if onto not in ONTO:

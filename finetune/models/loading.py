@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RecipeError
+from ..errors import RecipeError, not_found
 from . import zoo
 from .families import Family, family_for
 
@@ -29,8 +29,22 @@ def load_family(cfg) -> tuple[str, Family]:
     from transformers import AutoConfig
 
     path = resolve_model_path(cfg.name_or_path)
-    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:  # transformers' words for a typo, no network and offline mode alike
+        raise not_found("model.name_or_path", cfg.name_or_path, e) from e
     return path, family_for(config.model_type)
+
+
+def stored_dtype(cfg) -> str:
+    """The dtype the checkpoint's weights are stored in, from its config.json (float32 when it does not say)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.name_or_path), revision=cfg.revision,
+                                        trust_remote_code=cfg.trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in DTYPES else "float32"
 
 
 PIXEL_LIMITS = {"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}

@@ -17,14 +17,14 @@ from typing import Any
 
 import yaml
 
-from ..errors import RecipeError
+from ..errors import RecipeError, SourceNotFound
 from ..models.families import FAMILIES
 from ..models.zoo import parse_name
 from .distributed import validate_distributed
 from .sections import (DataConfig, EvaluationConfig, ExportConfig, GuardsConfig, LoraConfig, ModelConfig,
                        QuantizationConfig)
 from .training import (METHODS, REFUSED_DPO_KEYS, REFUSED_TRAINING_KEYS, RENAMED_TRAINING_KEYS, SANE_LEARNING_RATES,
-                       training_config_class, trl_config)
+                       check_ranges, training_config_class, trl_config)
 from .types import check_choice, coerce
 
 
@@ -89,9 +89,26 @@ def load_recipe(source: str | Path | dict, overrides: typing.Sequence[str] = ())
     except RecipeError as e:
         raise RecipeError(f"{where}{e}") from None
     recipe.source = path
+    if path is not None and not (path.parent / "adapter_config.json").is_file():  # a user's recipe, not a run's copy
+        refuse_paths_relative_to_elsewhere(recipe, path)
     if path is not None and "output_dir" not in (raw.get("training") or {}):
         recipe.training.output_dir = str(Path("runs") / path.stem)
     return recipe
+
+
+def refuse_paths_relative_to_elsewhere(recipe: Recipe, path: Path) -> None:
+    """A relative data path resolves from the folder `finetune` runs in. Run from elsewhere, it would be sent to
+    the Hub as a dataset id and fail there; when it exists relative to the recipe's folders, say so instead."""
+    for key in ("path", "image_root"):
+        value = getattr(recipe.data, key)
+        if not value or Path(value).is_absolute() or Path(value).exists():
+            continue
+        for folder in list(path.resolve().parents)[:3]:
+            if (folder / value).exists():
+                raise SourceNotFound(
+                    f"{path}: data.{key}: {value} is not in {Path.cwd()} (relative paths resolve from the folder "
+                    f"you run in), but {folder / value} exists: run from {folder}, or give data.{key} as that "
+                    "absolute path")
 
 
 def parse_yaml(text: str, name: str = "<recipe>") -> dict:
@@ -209,6 +226,7 @@ def validate_combinations(r: Recipe) -> None:
             "model.trust_remote_code: runs code downloaded with the model; pin model.revision to a commit hash "
             "so that code cannot change under you"
         )
+    check_ranges(r.training)
     low, high = SANE_LEARNING_RATES
     if not low <= r.training.learning_rate <= high and not r.guards.allow_unusual_learning_rate:
         raise RecipeError(
@@ -216,8 +234,6 @@ def validate_combinations(r: Recipe) -> None:
             "fine-tuning uses (typo? 2e-4 is usual); set guards.allow_unusual_learning_rate: true if you mean it")
     if r.training.resume not in (None, "auto") and not r.training.resume.strip():
         raise RecipeError("training.resume: empty; use null, auto, or a checkpoint folder")
-    if r.training.max_length is not None and r.training.max_length <= 0:
-        raise RecipeError(f"training.max_length: must be > 0 or null, got {r.training.max_length}")
     if r.training.truncation_mode == "keep_end":
         raise RecipeError("training.truncation_mode: keep_end would cut image tokens out of the prompt")
     if r.lora.target_modules is None and r.quantization.load_in_4bit and r.training.fp16 and r.quantization.compute_dtype == "bfloat16":

@@ -185,8 +185,8 @@ class ExportConfig:
 
     #: Also write a merged checkpoint (parity-checked, see `finetune merge`) to `<output_dir>/merged`.
     merge: bool = False
-    #: dtype of the merged weights.
-    merge_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    #: dtype of the merged weights; auto = the dtype the base checkpoint is stored in (its config.json).
+    merge_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     #: QLoRA runs: merge onto the `original` 16-bit base weights or the NF4-`dequantized` ones the adapter saw.
     merge_onto: Literal["original", "dequantized"] = "original"
     #: Push to the Hugging Face Hub when training ends (token from HF_TOKEN or `hf auth login`, never the recipe).

@@ -141,3 +141,23 @@ def trl_config(training: Any, **overrides: Any):
         if "bf16" in str(e) or "fp16" in str(e):
             hint = " (this machine has no bf16/fp16-capable GPU: set training.bf16=false to train on CPU)"
         raise RecipeError(f"training: {e}{hint}") from e
+
+
+#: Counts that must be at least 1 (transformers accepts 0 or negative values for several and fails later, or loops).
+AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "max_length")
+
+
+def check_ranges(training: Any) -> None:
+    """Numbers that cannot mean anything: refused with the dotted key before any work."""
+    for name in AT_LEAST_ONE:
+        value = getattr(training, name, None)
+        if value is not None and value < 1:
+            raise RecipeError(f"training.{name}: must be at least 1, got {value}")
+    if training.num_train_epochs <= 0:
+        raise RecipeError(f"training.num_train_epochs: must be > 0, got {training.num_train_epochs}")
+    if training.max_steps == 0 or training.max_steps < -1:
+        raise RecipeError(f"training.max_steps: must be > 0, or -1 to train for num_train_epochs; got "
+                          f"{training.max_steps}")
+    if training.learning_rate < 0:
+        raise RecipeError(f"training.learning_rate: must not be negative, got {training.learning_rate:g}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import SourceNotFound
 from ..recipe import RecipeError, load_recipe
 
 
@@ -13,6 +14,10 @@ def continue_from(model, adapter: str | Path, base: str):
     from peft import PeftModel
 
     folder = Path(adapter)
+    if not folder.exists():
+        raise SourceNotFound(f"model.adapter: {adapter} is not a local folder (looked for {folder.resolve()}; relative "
+                          f"paths resolve from the folder you run in, {Path.cwd()}); give the folder of a finished "
+                          "run (its training.output_dir)")
     if not (folder / "adapter_config.json").is_file():
         raise RecipeError(f"model.adapter: {folder}: no adapter_config.json (give the folder of a finished run)")
     if (folder / "recipe.yaml").is_file():  # a finetune run: its adapter belongs to the base it names
