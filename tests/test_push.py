@@ -122,7 +122,7 @@ def test_push_merged_merges_checks_and_uploads_the_export(run_dir, online, capfd
     url = finetune.push(run_dir, "alice/tiny-vlm-merged", merged=True)
     export = run_dir / "merged"
     parity = json.loads((export / "parity.json").read_text())
-    assert parity["passed"] and parity["merge"]["dtype"] == "bfloat16"  # the recipe's export.merge_dtype
+    assert parity["passed"] and parity["merge"]["dtype"] == "float32"  # export.merge_dtype auto: as the base is stored
 
     (commit,) = online.commits
     assert url == f"{online.url}/alice/tiny-vlm-merged/commit/{commit['oid']}" and commit["revision"] == "main"

@@ -22,6 +22,7 @@ from transformers import AutoModelForImageTextToText
 from conftest import ROOT, image
 from finetune import zoo
 from finetune.batching.collate import IGNORE_INDEX, ChatCollator
+from finetune.batching.lengths import Measurer
 from finetune.batching.template import prepare_messages, render, template_kwargs, template_traits
 from finetune.models.families import FAMILIES, PALIGEMMA_TEMPLATE
 from finetune.evaluation.inference import prompt_batch, stop_token_ids
@@ -331,13 +332,67 @@ def test_gemma3_folds_the_system_prompt_into_the_first_user_turn(replica):
     assert render(processor, messages[:2], family, generation_prompt=True).endswith("<start_of_turn>model\n")
 
 
-def test_gemma3_generation_stops_at_end_of_turn_though_its_generation_config_names_only_eos(replica):
-    path, processor, family = replica("google__gemma-3-4b-it")
+@pytest.mark.parametrize("name, stops", [("google__gemma-3-4b-it", ["<eos>", "<end_of_turn>"]),  # [1, 106]
+                                         ("google__paligemma2-3b-pt-448", ["<eos>", "<end_of_turn>"])])  # [1, 107]
+def test_generation_stops_at_each_eos_of_the_published_generation_config(name, stops, replica):
+    path, processor, family = replica(name)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    tok = processor.tokenizer
+    ids = [tok.convert_tokens_to_ids(t) for t in stops]
+    assert model.generation_config.eos_token_id == ids  # the published list, mapped to the tiny vocabulary
+    stop = stop_token_ids(model, processor, family)
+    assert set(ids) <= set(stop)
+    # Forced to write "red" then each stop token, generation ends right there (and not at the other).
+    red = tok("red", add_special_tokens=False)["input_ids"]
+    batch = tok(["What color?"], return_tensors="pt")
+    for token in ids:
+        forced = red + [token]
+        out = model.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=stop,
+                             pad_token_id=tok.pad_token_id,
+                             prefix_allowed_tokens_fn=lambda _, sent, f=forced, n=batch["input_ids"].shape[1]:
+                             [f[min(len(sent) - n, len(f) - 1)]])
+        assert out[0, batch["input_ids"].shape[1]:].tolist() == forced
+
+
+def test_llava_next_pads_with_its_own_pad_token_which_never_touches_a_real_token(replica):
+    path, processor, family = replica("llava-hf__llava-v1.6-mistral-7b-hf")
+    tok = processor.tokenizer
+    assert tok.pad_token == "<pad>" and tok.pad_token_id not in (tok.unk_token_id, tok.eos_token_id, tok.bos_token_id)
+    rows = [row(*conversation("system_two_turns")), row(*conversation("text_only"), row_id=1)]
+    batch = ChatCollator(processor, family)(rows)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert (mask == 0).any()  # the text-only row is padded
+    assert (ids[mask == 0] == tok.pad_token_id).all()  # every padded position holds <pad> ...
+    assert not (ids[mask == 1] == tok.pad_token_id).any()  # ... and no real token is <pad>
+    assert (labels[mask == 0] == IGNORE_INDEX).all()
     model = AutoModelForImageTextToText.from_pretrained(path)
-    eot = processor.tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    configured = model.generation_config.eos_token_id
-    assert eot not in (configured if isinstance(configured, list) else [configured])
-    assert eot in stop_token_ids(model, processor, family)
+    assert model.config.get_text_config().pad_token_id == tok.pad_token_id
+
+
+def test_idefics3_tile_markers_are_plain_text_and_counted_as_the_tokens_they_become(replica):
+    """The published Idefics3 tokenizer adds only <fake_token_around_image>, <image> and <end_of_utterance>:
+    <global-img> and <row_i_col_j> are text, several tokens each, and lengths count every one of them."""
+    _, processor, family = replica("HuggingFaceM4__Idefics3-8B-Llama3")
+    tok = processor.tokenizer
+    assert tok.eos_token == "<|end_of_text|>"
+    assert len(tok("<row_1_col_1>", add_special_tokens=False)["input_ids"]) > 1
+    assert len(tok("<global-img>", add_special_tokens=False)["input_ids"]) > 1
+    collator = ChatCollator(processor, family)
+    assert sorted(tok.convert_ids_to_tokens(collator.image_token_ids)) == ["<fake_token_around_image>", "<image>"]
+    messages, images = conversation("system_two_turns")
+    batch = collator([row(messages, images)])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    # 640 x 480: 4 x 3 tiles + the global image, 169 <image> tokens each; the markers around them are many more
+    # tokens than the 13 + 13 single ones a tokenizer with marker tokens would give.
+    assert int((ids == tok.convert_tokens_to_ids("<image>")).sum()) == 13 * 169
+    measurer = Measurer(processor, family)
+    markers = len(tok(measurer._replacement(CHART), add_special_tokens=False)["input_ids"]) - 13 * 169
+    assert markers > 2 * 13 + 12
+    assert measurer.measure({"messages": messages, "images": [CHART], "videos": []}) == \
+        (len(ids), int((labels != IGNORE_INDEX).sum()))
+    # Each reply's labels end with <end_of_utterance>, and generation stops there.
+    supervised = tok.decode(ids[labels != IGNORE_INDEX])
+    assert supervised.count("<end_of_utterance>") == 2 and supervised.endswith("<end_of_utterance>")
 
 
 def test_paligemma_has_no_template_and_uses_finetunes_documented_one(replica, tmp_path):

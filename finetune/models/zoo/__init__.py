@@ -84,12 +84,12 @@ def build_like(hub_dir: str | Path, preset: str = "tiny"):
     """A tiny random model with the interface of a real checkpoint: its model and processor classes, special
     tokens, chat template, image settings and vision geometry (patch and image size, merge/pixel-shuffle factors,
     tiling), read from a folder of its small files (`HubFiles`). Only the sizes and the vocabulary are tiny, so an
-    image expands to exactly as many tokens as on the real model. Generation stops at the tokenizer's EOS only,
-    like a checkpoint whose generation config names no end-of-turn."""
+    image expands to exactly as many tokens as on the real model. Generation stops where the checkpoint's
+    generation config says (its `generation_config.json`; without one, at the tokenizer's EOS only)."""
     hub = HubFiles(hub_dir)
     _check(hub.family, preset)
     return _finish(hub.family, *_seeded(lambda: BUILDERS[hub.family](PRESETS[preset], hub)),
-                   stop_at_end_of_turn=False)
+                   stop_at_end_of_turn=False, eos_tokens=hub.generation_eos_tokens())
 
 
 def _seeded(make):
@@ -99,7 +99,7 @@ def _seeded(make):
     return make()
 
 
-def _finish(family: str, model, proc, stop_at_end_of_turn: bool):
+def _finish(family: str, model, proc, stop_at_end_of_turn: bool, eos_tokens: list[str] | None = None):
     import torch
 
     # Behind the final RMSNorm, an lm_head initialised at std 0.02 caps every logit near 0.02 * hidden: the output
@@ -109,7 +109,7 @@ def _finish(family: str, model, proc, stop_at_end_of_turn: bool):
         with torch.no_grad():
             head.weight.normal_(0.0, head.weight.shape[1] ** -0.5)
     tok = proc.tokenizer
-    eos = [tok.eos_token_id]
+    eos = token_ids(tok, *eos_tokens) if eos_tokens else [tok.eos_token_id]
     if stop_at_end_of_turn:
         eos += [i for i in token_ids(tok, FAMILY_TABLE[family].end_of_turn) if i != tok.eos_token_id]
     gen = model.generation_config

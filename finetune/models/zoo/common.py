@@ -192,6 +192,19 @@ class HubFiles:
                           pad=named["pad_token"], unk=named["unk_token"], extra=extra,
                           add_bos=bool(tc.get("add_bos_token")), template=self.chat_template)
 
+    def generation_eos_tokens(self) -> list[str] | None:
+        """The tokens generation stops at by the checkpoint's `generation_config.json` (Gemma 3: [1, 106]), read
+        through `added_tokens_decoder`: a real id means nothing in the tiny vocabulary, its token does."""
+        ids = (self._json("generation_config.json") or {}).get("eos_token_id")
+        if ids is None:
+            return None
+        decoder = {int(k): e["content"] for k, e in (self.tokenizer_config.get("added_tokens_decoder") or {}).items()}
+        ids = ids if isinstance(ids, list) else [ids]
+        if missing := [i for i in ids if i not in decoder]:
+            raise ValueError(f"{self.folder}: generation_config.json eos_token_id {missing} not in "
+                             "tokenizer_config.json's added_tokens_decoder (its token is needed)")
+        return [decoder[i] for i in ids]
+
     def processor(self):
         """The checkpoint's processor class and image settings, loaded the way `from_pretrained` loads the real
         one, around the tiny tokenizer."""

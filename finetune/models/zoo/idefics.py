@@ -29,10 +29,13 @@ def _idefics3_like(p, tok, proc_cls, image_proc_cls, config_cls, model_cls, hub=
 def idefics3(p, hub: HubFiles | None = None):
     import transformers as T
 
+    # As published (HuggingFaceM4/Idefics3-8B-Llama3): eos <|end_of_text|>, and only <fake_token_around_image>,
+    # <image> and <end_of_utterance> added as special tokens; <global-img> and <row_i_col_j> are plain text, several
+    # tokens each (SmolVLM, below, made them single tokens).
     tok = None if hub else tokenizer(
-        ["<|begin_of_text|>", "<|end_of_text|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
-         "<global-img>"] + _ROW_COL,
-        bos="<|begin_of_text|>", eos="<end_of_utterance>", pad="<|end_of_text|>", add_bos=True,
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<fake_token_around_image>",
+         "<image>", "<end_of_utterance>"],
+        bos="<|begin_of_text|>", eos="<|end_of_text|>", pad="<|reserved_special_token_0|>", add_bos=True,
         template=trl_template("idefics3"))
     return _idefics3_like(p, tok, T.Idefics3Processor, T.Idefics3ImageProcessor, T.Idefics3Config,
                           T.Idefics3ForConditionalGeneration, hub)
