@@ -135,7 +135,11 @@ def _training_table(recipe, summary: dict) -> str:
         ("learning rate / scheduler", f"{t.learning_rate} / {t.lr_scheduler_type}"),
         ("batch size x grad. accumulation", f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps}"),
         ("steps / epochs", f"{summary.get('steps', t.max_steps)} / {_round(summary.get('epochs'))}"),
-        ("max length (tokens, images included)", t.max_length),
+        ("max length (tokens, images included)", getattr(t, "max_length", None) or "-"),
+        *([("GRPO: generations per prompt / completion length / beta",
+            f"{t.num_generations} / {t.max_completion_length} / {t.beta}"),
+           ("GRPO rewards (weights)", f"{', '.join(recipe.rewards.functions)} ({t.reward_weights or 'equal'})")]
+          if t.method == "grpo" else []),
         ("optimizer / weight decay / warmup", f"{t.optim} / {t.weight_decay} / {t.warmup_steps}"),
         ("seed", t.seed),
     ]

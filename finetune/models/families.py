@@ -60,6 +60,8 @@ class Family:
     packed_row_inputs: tuple[str, ...] = ()
     #: Why `training.packing` cannot be exact for this family ("" = it can; finetune.batching.packing).
     no_packing: str = ""
+    #: Why TRL's GRPOTrainer cannot train this family ("" = it can; finetune.training.grpo).
+    no_grpo: str = ""
     notes: str = ""
 
     def quantization_skip(self) -> list[str]:
@@ -157,6 +159,8 @@ FAMILIES: dict[str, Family] = {
         # The hub template writes "Today Date: <today>" into a system preamble; pinned to the template's own
         # fallback date so a run renders the same prompt in training, evaluation and inference on any day.
         template_kwargs=(("date_string", "26 Jul 2024"),),
+        no_grpo="TRL's GRPOTrainer does not pass aspect_ratio_ids, aspect_ratio_mask or cross_attention_mask to "
+                "the model when it scores completions (the forward pass fails)",
         no_packing="text attends to images through cross-attention masks of a whole row, and transformers masks "
                    "text that attends to no image only in the MLP: a packed sample without images would attend to "
                    "the other samples' images",

@@ -22,8 +22,8 @@ from ..models.families import FAMILIES
 from ..models.zoo import parse_name
 from .distributed import validate_distributed
 from .sections import (DataConfig, EvaluationConfig, ExportConfig, GuardsConfig, LoraConfig, ModelConfig,
-                       QuantizationConfig)
-from .training import (METHODS, REFUSED_DPO_KEYS, REFUSED_TRAINING_KEYS, RENAMED_TRAINING_KEYS, SANE_LEARNING_RATES,
+                       QuantizationConfig, RewardsConfig)
+from .training import (METHODS, REFUSED_DPO_KEYS, REFUSED_GRPO_KEYS, REFUSED_TRAINING_KEYS, RENAMED_TRAINING_KEYS, SANE_LEARNING_RATES,
                        check_ranges, training_config_class, trl_config)
 from .types import check_choice, coerce
 
@@ -39,6 +39,8 @@ class Recipe:
     export: ExportConfig
     evaluation: EvaluationConfig
     guards: GuardsConfig = field(default_factory=GuardsConfig)
+    #: GRPO's rewards (training.method: grpo).
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     #: The file this recipe came from (None when built from a dict).
     source: Path | None = None
 
@@ -67,6 +69,7 @@ SECTIONS = {
     "export": ExportConfig,
     "evaluation": EvaluationConfig,
     "guards": GuardsConfig,
+    "rewards": RewardsConfig,
 }
 REQUIRED_SECTIONS = ("model", "data")
 
@@ -158,7 +161,7 @@ def build_recipe(raw: dict) -> Recipe:
         if name == "training":
             method = body.get("method", "sft")
             check_choice("training.method", method, METHODS, what="method")
-            refused = REFUSED_TRAINING_KEYS if method == "sft" else REFUSED_DPO_KEYS
+            refused = {"sft": REFUSED_TRAINING_KEYS, "dpo": REFUSED_DPO_KEYS, "grpo": REFUSED_GRPO_KEYS}[method]
             for key in body:
                 if key in refused:
                     raise RecipeError(f"training.{key}: not supported: {refused[key]}")
@@ -203,13 +206,14 @@ def _build_section(cls: type, body: dict, prefix: str) -> Any:
 
 def validate_combinations(r: Recipe) -> None:
     dpo = r.training.method == "dpo"
+    validate_grpo(r)
     if dpo != (r.data.format == "preference"):
         raise RecipeError(
             "training.method: dpo trains on data.format preference (image(s), prompt, chosen, rejected)"
             if dpo else "data.format: preference rows train with training.method: dpo")
     if dpo and r.data.streaming:
         raise RecipeError("data.streaming: not supported with training.method dpo")
-    if not dpo and r.training.packing:
+    if r.training.method == "sft" and r.training.packing:
         if r.data.streaming:
             raise RecipeError("training.packing: not supported with data.streaming (packs are planned from the "
                               "pre-flight scan's lengths of every row)")
@@ -234,7 +238,7 @@ def validate_combinations(r: Recipe) -> None:
             "fine-tuning uses (typo? 2e-4 is usual); set guards.allow_unusual_learning_rate: true if you mean it")
     if r.training.resume not in (None, "auto") and not r.training.resume.strip():
         raise RecipeError("training.resume: empty; use null, auto, or a checkpoint folder")
-    if r.training.truncation_mode == "keep_end":
+    if getattr(r.training, "truncation_mode", None) == "keep_end":
         raise RecipeError("training.truncation_mode: keep_end would cut image tokens out of the prompt")
     if r.lora.target_modules is None and r.quantization.load_in_4bit and r.training.fp16 and r.quantization.compute_dtype == "bfloat16":
         raise RecipeError("quantization.compute_dtype: bfloat16 compute with training.fp16=true mixes precisions; "
@@ -252,6 +256,29 @@ def validate_combinations(r: Recipe) -> None:
             check_choice("model.name_or_path", family, FAMILIES, what="zoo family")
         elif not (folder / "config.json").is_file():
             raise RecipeError(f"model.name_or_path: {folder}: not a folder of hub checkpoint files (no config.json)")
+
+
+def validate_grpo(r: Recipe) -> None:
+    """GRPO scores sampled completions of each prompt with `rewards:`; every other method ignores that section."""
+    grpo = r.training.method == "grpo"
+    if not grpo:
+        if r.rewards.functions:
+            raise RecipeError("rewards.functions: used only with training.method: grpo (it would be ignored)")
+        return
+    if not r.rewards.functions:
+        raise RecipeError("rewards.functions: training.method grpo needs at least one reward (e.g. [relaxed_accuracy])")
+    weights = r.training.reward_weights
+    if weights is not None and len(weights) != len(r.rewards.functions):
+        raise RecipeError(f"training.reward_weights: {len(weights)} weights for {len(r.rewards.functions)} rewards "
+                          f"({', '.join(r.rewards.functions)})")
+    if r.data.format == "preference":
+        raise RecipeError("data.format: preference rows train with training.method: dpo; grpo takes prompts with "
+                          "reference answers (chartqa, vqa, messages, ...)")
+    if r.data.streaming:
+        raise RecipeError("data.streaming: not supported with training.method grpo")
+    if r.evaluation.every_n_steps:
+        raise RecipeError("evaluation.every_n_steps: not supported with training.method grpo (TRL logs the rewards "
+                          "every training.logging_steps)")
 
 
 def _deepcopy(raw: dict) -> dict:

@@ -258,3 +258,36 @@ class GuardsConfig:
     def validate(self) -> None:
         if self.grad_norm_spike is not None and self.grad_norm_spike <= 1:
             raise RecipeError(f"guards.grad_norm_spike: must be > 1 (a factor over the median), got {self.grad_norm_spike}")
+
+
+#: Rewards finetune provides besides the task metrics (METRIC_NAMES); see finetune.evaluation.rewards.
+REWARD_NAMES = ("format", "length")
+
+
+@dataclass
+class RewardsConfig:
+    """GRPO's verifiable rewards (`training.method: grpo`), weighted by `training.reward_weights` (GRPOConfig's key;
+    equal weights when unset)."""
+
+    #: Each a task metric scored on the completion's answer (relaxed_accuracy, exact_match, anls, vqa_accuracy),
+    #: `format` (1 for the reasoning-then-answer layout), `length` (a penalty past length_target characters), or your
+    #: own as module:function with TRL's signature (prompts, completions, answers, **columns) -> list of floats.
+    functions: list[str] = field(default_factory=list)
+    #: Completions reason first, then answer: <think>...</think><answer>...</answer> (tags below); metrics score the
+    #: text inside the answer tags. Off: the whole completion is the answer.
+    reasoning: bool = False
+    think_tags: list[str] = field(default_factory=lambda: ["<think>", "</think>"])
+    answer_tags: list[str] = field(default_factory=lambda: ["<answer>", "</answer>"])
+    #: `length`: no penalty up to this many characters, -1 at twice as many.
+    length_target: int = 200
+
+    def validate(self) -> None:
+        for i, name in enumerate(self.functions):
+            if ":" not in name:
+                check_choice(f"rewards.functions[{i}]", name, [*METRIC_NAMES, *REWARD_NAMES], what="reward")
+        for key in ("think_tags", "answer_tags"):
+            tags = getattr(self, key)
+            if len(tags) != 2 or not all(isinstance(t, str) and t for t in tags):
+                raise RecipeError(f"rewards.{key}: two non-empty tags, opening and closing; got {tags!r}")
+        if self.length_target < 1:
+            raise RecipeError(f"rewards.length_target: must be at least 1, got {self.length_target}")

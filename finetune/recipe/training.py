@@ -16,13 +16,13 @@ from ..errors import RecipeError
 SANE_LEARNING_RATES = (1e-7, 1e-2)
 
 #: Training methods and the TRL config class whose keys `training:` takes for each.
-METHODS = {"sft": "SFTConfig", "dpo": "DPOConfig"}
+METHODS = {"sft": "SFTConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig"}
 
 #: Keys of the `training:` section that finetune adds to the TRL config's (never passed to it).
 TRAINING_EXTENSIONS: list[tuple[str, Any, Any, str]] = [
-    ("method", Literal["sft", "dpo"], "sft",
+    ("method", Literal["sft", "dpo", "grpo"], "sft",
      "sft = supervised fine-tuning (trl.SFTConfig keys); dpo = preference tuning on data.format preference "
-     "(trl.DPOConfig keys)"),
+     "(trl.DPOConfig keys); grpo = reinforcement learning with the `rewards:` section (trl.GRPOConfig keys)"),
     ("resume", str | None, None,
      "null = start fresh; auto = continue from the newest complete checkpoint in output_dir (fresh if none); "
      "or a checkpoint folder, which must be complete"),
@@ -70,6 +70,12 @@ REFUSED_DPO_KEYS = {
     "precompute_ref_log_probs": "not supported for image datasets (TRL); the reference is computed per batch",
     "sync_ref_model": "the reference is the base (adapter disabled), there is no reference model to sync",
     "remove_unused_columns": "the collator needs the raw message columns",
+    "resume_from_checkpoint": "use training.resume (auto, or a checkpoint folder)",
+}
+
+# GRPOConfig keys that would silently break finetune's guarantees.
+REFUSED_GRPO_KEYS = {
+    "remove_unused_columns": "the reward functions need the reference answers column",
     "resume_from_checkpoint": "use training.resume (auto, or a checkpoint folder)",
 }
 

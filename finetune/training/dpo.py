@@ -125,3 +125,16 @@ def plot_curves(log_history: list[dict], path: Path, title: str) -> None:
     logps = Panel("log-prob of the reply", [Line("chosen", series(log_history, "logps/chosen")),
                                              Line("rejected", series(log_history, "logps/rejected"))])
     panels_figure(path, [margins, logps], title)
+
+
+def rows(chat_rows, processor, family):
+    """The scanned chat rows, as they are: the collator makes the batches."""
+    return chat_rows
+
+
+def trainer_kwargs(recipe) -> dict:
+    return {}
+
+
+def config_overrides(processor, family) -> dict:
+    return {}

@@ -27,7 +27,7 @@ from ..models.loading import load_family, load_model, load_processor
 from ..models.lora import LoraPlan, plan_lora, trainable_by_group
 from ..recipe import Recipe, RecipeError, load_recipe
 from ..recipe.distributed import check_launch, from_environment
-from . import dpo, sft
+from . import dpo, grpo, sft
 from .adapter import continue_from
 from .checkpoints import CHECKPOINT, CheckpointError, checkpoints, leftovers, newest_complete, resume_point, step_of
 from .guards import HealthMonitor, TrainingInterrupted
@@ -36,8 +36,9 @@ from .sharding import leave_sharding, refuse_text_only_rows_when_sharded, sharde
 #: What `finetune merge`, `push` and `PeftModel.from_pretrained` read from a run folder.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
-#: Each `training.method` is a module: its Trainer, collator, held-out comparison and what it saves.
-METHODS = {"sft": sft, "dpo": dpo}
+#: Each `training.method` is a module: its Trainer (and the arguments it adds: `trainer_kwargs`, `config_overrides`),
+#: collator, the rows it trains on (`rows`), held-out comparison and what it saves.
+METHODS = {"sft": sft, "dpo": dpo, "grpo": grpo}
 
 
 @dataclass
@@ -106,7 +107,8 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
     if packing:
         if reason := refusal(family, recipe.model.attn_implementation):
             raise RecipeError(f"training.packing: not supported for {family.name}: {reason}")
-    args = recipe.sft_config(**_runtime_overrides(recipe))
+    method = METHODS[recipe.training.method]
+    args = recipe.sft_config(**_runtime_overrides(recipe), **method.config_overrides(processor, family))
     # One process per machine scans (and caches); the others wait, then load the cached scan. `args.device` sets
     # up the process group first: without it the ranks do not know of each other yet and would all scan.
     args.device  # noqa: B018
@@ -120,6 +122,7 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
             if packing:  # planned (and stored) once per machine too: the other ranks load the plan
                 packs = cached_plan(train_scan.lengths, recipe.training.max_length, cache_dir().parent / "packs")
                 train_dataset = PackedRows(train_data, packs, train_scan.lengths)
+        train_dataset = method.rows(train_dataset, processor, family)
         eval_data = eval_scan = None
         if recipe.data.eval_split:
             eval_data, eval_scan = scanned(recipe, recipe.data.eval_split, family, collator)
@@ -144,7 +147,7 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
         data_collator, lengths = PackCollator(collator), train_dataset.lengths
         log(f"train data: {train_dataset.describe(recipe.training.max_length)}")
 
-    trainer = METHODS[recipe.training.method].Trainer(
+    trainer = method.Trainer(
         model=model,
         family=family,
         lengths=lengths,
@@ -153,10 +156,11 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
         health=HealthMonitor(recipe.guards.on_nonfinite, recipe.guards.grad_norm_spike),
         args=args,
         train_dataset=train_dataset,
-        eval_dataset=eval_data,
+        eval_dataset=method.rows(eval_data, processor, family) if eval_data is not None else None,
         data_collator=data_collator,
         processing_class=processor,
         peft_config=peft_config,
+        **method.trainer_kwargs(recipe),
     )
     trainable = trainable_by_group(trainer.model, family)
     log("trainable parameters: " + ", ".join(f"{g} {n:,}" for g, n in trainable.items() if n))
@@ -169,6 +173,8 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
 def load_processing(recipe: Recipe) -> tuple[str, Family, object, ChatCollator]:
     """Model path, family, processor (with the recipe's image settings) and the training collator."""
     model_path, family = load_family(recipe.model)
+    if recipe.training.method == "grpo" and family.no_grpo:
+        raise RecipeError(f"training.method: grpo is not supported for {family.name}: {family.no_grpo}")
     processor = load_processor(model_path, recipe.model, recipe.data.image_processor, family)
     return model_path, family, processor, METHODS[recipe.training.method].collator(processor, family)
 
@@ -178,7 +184,7 @@ def scanned(recipe: Recipe, split: str, family: Family, collator: ChatCollator):
     cfg = recipe.data
     reader = RowReader(cfg, videos_as_images=not family.video_input)
     rows = source_rows(cfg, split)
-    report = scan_rows(rows, reader, Measurer(collator.processor, family), recipe.training.max_length,
+    report = scan_rows(rows, reader, Measurer(collator.processor, family), getattr(recipe.training, "max_length", None),
                        cfg.on_too_long, cfg.on_bad_image, verify=cfg.verify_images,
                        num_proc=cfg.num_proc or available_cores(), log=rank_log)
     return chat_rows(rows, reader), report

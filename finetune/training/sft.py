@@ -30,3 +30,16 @@ def before_after(run, out: Path) -> dict:
 def saved(run, out: Path) -> dict:
     """Nothing to add: the adapter, processor, recipe, summary and loss curve are every method's."""
     return {}
+
+
+def rows(chat_rows, processor, family):
+    """The scanned chat rows, as they are: the collator makes the batches."""
+    return chat_rows
+
+
+def trainer_kwargs(recipe) -> dict:
+    return {}
+
+
+def config_overrides(processor, family) -> dict:
+    return {}

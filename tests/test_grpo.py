@@ -1,0 +1,115 @@
+"""GRPO (training.method: grpo): the recipe's rewards validated at load, prompts rendered as inference renders them
+(per family, through TRL's own tokenisation), a tiny run that trains the adapter, and reward errors naming the
+reward and the step."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune
+from conftest import ROOT, image
+from finetune.batching.template import prepare_messages, template_kwargs
+from finetune.evaluation.inference import prompt_batch
+from finetune.evaluation.rewards import RewardError
+from finetune.models import zoo
+from finetune.models.families import FAMILIES
+from finetune.models.loading import load_processor
+from finetune.recipe import ModelConfig, RecipeError, load_recipe
+
+
+def recipe(out=None, *overrides, **training):
+    return load_recipe({
+        "model": {"name_or_path": "zoo:qwen2_vl", "dtype": "float32"},
+        "data": {"path": str(ROOT / "data/chartqa-tiny"), "format": "chartqa", "max_samples": 8,
+                 "eval_split": None},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "rewards": {"functions": ["length"], "length_target": 12},
+        "training": {"method": "grpo", "output_dir": str(out or "runs/grpo"), "max_steps": 2,
+                     "per_device_train_batch_size": 4, "num_generations": 4, "max_completion_length": 8,
+                     "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "bf16": False,
+                     "activation_checkpointing": False, "seed": 0, "dataloader_num_workers": 0,
+                     "disable_tqdm": True, **training},
+    }, list(overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rewards.functions=[]"], "rewards.functions: training.method grpo needs at least one reward"),
+    (["rewards.functions=[relaxed_acuracy]"],
+     "rewards.functions[0]: unknown reward 'relaxed_acuracy' (did you mean 'relaxed_accuracy'?)"),
+    (["training.reward_weights=[1.0, 0.5]"], "training.reward_weights: 2 weights for 1 rewards (length)"),
+    (["training.num_generation=4"], "training.num_generation: unknown key (did you mean 'num_generations'?)"),
+    (["rewards.answer_tags=[<answer>]"], "rewards.answer_tags: two non-empty tags"),
+    (["data.format=preference"], "data.format: preference rows train with training.method: dpo"),
+])
+def test_grpo_recipes_are_validated_at_load(overrides, message):
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]").replace("?", r"\?")):
+        recipe(None, *overrides)
+
+
+def test_rewards_belong_to_grpo():
+    with pytest.raises(RecipeError, match="rewards.functions: used only with training.method: grpo"):
+        load_recipe({"model": {"name_or_path": "zoo:qwen2_vl"}, "data": {"path": "data/chartqa-tiny"},
+                     "rewards": {"functions": ["relaxed_accuracy"]}})
+
+
+FAMILIES_WITH_GRPO = ["qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "gemma3", "llava", "llava_next"]
+
+
+@pytest.mark.parametrize("family", FAMILIES_WITH_GRPO)
+def test_the_prompt_trained_on_is_the_prompt_served(family):
+    """TRL tokenises GRPO prompts itself (`_tokenize_prompts`, the code its trainer runs); given finetune's prepared
+    messages and template variables, it gives exactly the ids finetune's inference prompts with."""
+    import trl
+    from trl.data_utils import prepare_multimodal_messages
+
+    path = zoo.ensure(family, "tiny")
+    fam = FAMILIES[family]
+    processor = load_processor(str(path), ModelConfig(name_or_path=str(path)), family=fam)
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the value?"}]}]
+    images = [image(0, (64, 48))]
+    trainer = SimpleNamespace(processing_class=processor, _is_vlm=True, environment_factories=None, tools=None,
+                              chat_template=None, chat_template_kwargs=template_kwargs(processor, fam))
+    prompt = prepare_multimodal_messages(prepare_messages(processor, messages, fam), images)
+    ids, _, fields = trl.GRPOTrainer._tokenize_prompts(trainer, [prompt])
+    served = prompt_batch(processor, fam, [messages], [images])
+    assert list(ids[0]) == served["input_ids"][0][served["attention_mask"][0] == 1].tolist()
+    pixels = fields["pixel_values"]
+    pixels = torch.stack([torch.as_tensor(p) for p in pixels]) if isinstance(pixels, (list, tuple)) else pixels
+    assert torch.equal(pixels.reshape(-1), served["pixel_values"].reshape(-1))
+
+
+def test_a_tiny_grpo_run_trains_the_adapter_and_reports_its_rewards(tmp_path):
+    out = finetune.train(recipe(tmp_path / "run"))
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["method"] == "grpo" and summary["steps"] == 2
+    curves = summary["rewards"]["curves"]
+    assert [c["step"] for c in curves] == [1, 2] and "rewards/length/mean" in curves[0]
+    # Completions of different lengths score differently, so the advantages are not all zero and LoRA B moved.
+    assert any(c["reward_std"] > 0 for c in curves)
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert max(t.abs().max().item() for n, t in adapter.items() if "lora_B" in n) > 0
+    assert (out / "adapter_config.json").is_file() and summary["throughput"] is None
+    # `finetune merge` takes a GRPO run folder as it takes an SFT one.
+    parity = json.loads((finetune.merge(out, dtype="float32") / "parity.json").read_text())
+    assert parity["passed"] and parity["max_abs_diff"] < 1e-4
+
+
+def test_families_trl_cannot_feed_images_to_are_refused_by_check(capsys):
+    from finetune.cli import main
+
+    assert main(["check", str(ROOT / "recipes/tiny-chartqa.yaml"), "--no-data"]) == 0  # the recipe is fine
+    with pytest.raises(RecipeError, match=r"training.method: grpo is not supported for Llama 3.2 Vision \(Mllama\): "
+                                          "TRL's GRPOTrainer does not pass aspect_ratio_ids"):
+        finetune.check(recipe(None, "model.name_or_path=zoo:mllama"))
+
+
+def test_a_reward_that_returns_the_wrong_count_stops_the_run_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "bad_rewards.py").write_text("def one(prompts, completions, **kw):\n    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardError, match=r"reward 'bad_rewards:one' at step 1 returned 1 values for 4 completions"):
+        finetune.train(recipe(tmp_path / "run", "rewards.functions=[bad_rewards:one]"))
