@@ -113,3 +113,29 @@ def test_a_reward_that_returns_the_wrong_count_stops_the_run_naming_it(tmp_path,
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(RewardError, match=r"reward 'bad_rewards:one' at step 1 returned 1 values for 4 completions"):
         finetune.train(recipe(tmp_path / "run", "rewards.functions=[bad_rewards:one]"))
+
+
+HUB = ROOT / "tests/fixtures/hub"
+
+
+@pytest.mark.parametrize("model", [f"zoo:{family}" for family in FAMILIES_WITH_GRPO + ["paligemma"]] + [
+    f"zoo:{HUB / name}" for name in ("HuggingFaceM4__Idefics3-8B-Llama3", "llava-hf__llava-v1.6-mistral-7b-hf",
+                                     "google__gemma-3-4b-it", "Qwen__Qwen2.5-VL-3B-Instruct")],
+    ids=lambda m: m.rpartition("/")[2])
+def test_completions_end_at_the_end_of_turn_token(model, tmp_path):
+    """TRL ends each completion's mask (what carries gradient) at its first eos id: the family's end-of-turn must
+    be one of them, also where the checkpoint's generation config names only the tokenizer's EOS (the Idefics3
+    replica: eos <|end_of_text|>, turns end with <end_of_utterance>)."""
+    from finetune.training.pipeline import prepare
+
+    run = prepare(recipe(tmp_path / "run", f"model.name_or_path={model}"))
+    tok = run.processor.tokenizer
+    end_of_turn = tok.convert_tokens_to_ids(run.family.end_of_turn)
+    assert end_of_turn in run.trainer.eos_token_ids and tok.eos_token_id in run.trainer.eos_token_ids
+    # The mask TRL builds from them: ones up to and including the first end-of-turn, zeros after (padding).
+    red, bar = (tok(word, add_special_tokens=False)["input_ids"][0] for word in ("red", " bar"))
+    ids = torch.tensor([[red, bar, end_of_turn, tok.pad_token_id, tok.pad_token_id]])
+    is_eos = torch.isin(ids, torch.tensor(run.trainer.eos_token_ids))
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), ids.shape[1])
+    mask = (torch.arange(ids.shape[1]) <= first[:, None]).int()
+    assert mask.tolist() == [[1, 1, 1, 0, 0]]

@@ -23,6 +23,7 @@ import trl
 from ..batching.collate import ChatCollator
 from ..batching.template import prepare_messages, template_kwargs
 from ..evaluation import in_training
+from ..evaluation.inference import stop_token_ids
 from ..evaluation.rewards import Layout, build
 from .trainer import Guarded
 
@@ -34,6 +35,11 @@ class Trainer(Guarded, trl.GRPOTrainer):
 
     def __init__(self, *args, rewards=None, data_collator=None, **kwargs):
         # GRPO collates its own prompts; finetune's collator measured the rows for the scan.
+        # TRL stops generating, and ends each completion's mask, at the generation config's eos ids (and the
+        # tokenizer's EOS). A checkpoint whose config names no end-of-turn would train past it, on padding: use the
+        # ids inference stops at, the family's end-of-turn included.
+        model = kwargs["model"]
+        model.generation_config.eos_token_id = stop_token_ids(model, kwargs["processing_class"], kwargs["family"])
         layout = Layout(rewards.reasoning, tuple(rewards.think_tags), tuple(rewards.answer_tags))
         functions = [build(name, f"rewards.functions[{i}]", layout, rewards.length_target,
                            step=lambda: self.state.global_step + 1) for i, name in enumerate(rewards.functions)]
