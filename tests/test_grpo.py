@@ -139,3 +139,22 @@ def test_completions_end_at_the_end_of_turn_token(model, tmp_path):
     first = torch.where(is_eos.any(1), is_eos.int().argmax(1), ids.shape[1])
     mask = (torch.arange(ids.shape[1]) <= first[:, None]).int()
     assert mask.tolist() == [[1, 1, 1, 0, 0]]
+
+
+def test_resuming_from_a_grpo_checkpoint_samples_and_scores_the_same(tmp_path):
+    import shutil
+
+    steps = ["training.max_steps=4", "training.save_strategy=steps", "training.save_steps=2"]
+    first = finetune.train(recipe(tmp_path / "a", *steps))
+    resumed = tmp_path / "b"
+    shutil.copytree(first / "checkpoint-2", resumed / "checkpoint-2")
+    finetune.train(recipe(resumed, *steps, "training.resume=auto"))
+
+    def after_the_checkpoint(out):
+        summary = json.loads((out / "run_summary.json").read_text())
+        curves = [(c["step"], c["reward"], c["reward_std"]) for c in summary["rewards"]["curves"]]
+        return curves[2:], [p["loss"] for p in summary["loss_curve"]][2:]
+
+    (curves, losses), (again, losses_again) = after_the_checkpoint(first), after_the_checkpoint(resumed)
+    assert [c[0] for c in curves] == [3, 4] and any(c[2] > 0 for c in curves)  # completions that differ
+    assert again == curves and losses_again == pytest.approx(losses, abs=1e-7)
