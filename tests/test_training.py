@@ -126,3 +126,21 @@ def test_the_lm_head_runs_only_where_the_loss_is_with_the_full_loss_and_gradient
     assert torch.allclose(fused, full, rtol=1e-5, atol=1e-6), (fused.item(), full.item())
     for g_fused, g_full in zip(fused_grads, full_grads):
         assert torch.allclose(g_fused, g_full, rtol=1e-4, atol=1e-7)
+
+
+def test_a_run_continued_from_an_adapter_reports_that_adapter_as_its_before(tmp_path):
+    """The held-out report of a continued run scores the starting adapter too (loaded beside the trained one): it
+    equals what the first run scored for it."""
+    import json
+
+    import finetune
+
+    evaluation = ["data.eval_split=test", "evaluation.limit=16", "data.max_samples=16"]
+    first = finetune.train(tiny_recipe("qwen2_vl", tmp_path / "a", *evaluation))
+    second = finetune.train(tiny_recipe("qwen2_vl", tmp_path / "b", *evaluation, f"model.adapter={first}",
+                                        "training.max_steps=1"))
+    before = json.loads((first / "eval" / "metrics.json").read_text())
+    after = json.loads((second / "eval" / "metrics.json").read_text())
+    assert after["start"] == {"adapter": str(first), "score": before["tuned"]}
+    assert after["base"] == before["base"]
+    assert f"| starting adapter ({first}) | {before['tuned']:.3f} |" in (second / "report.md").read_text()

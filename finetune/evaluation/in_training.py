@@ -95,10 +95,15 @@ def before_after(run, out: Path) -> dict:
     model.eval()
     with model.disable_adapter():
         base, base_records = score(target, items, metric, cfg.batch_size, cfg.max_new_tokens, desc="eval base")
+    start = None
+    if run.recipe.model.adapter:  # continued training: the adapter it started from is the "before" that matters
+        start = {"adapter": str(run.recipe.model.adapter),
+                 "score": starting_adapter_score(model, run.recipe.model.adapter, target, items, metric, cfg)}
     tuned, records = score(target, items, metric, cfg.batch_size, cfg.max_new_tokens, desc="eval tuned")
     baselines = majority_baselines(examples(run.train_data, 2000), items, metric)
     split = run.recipe.data.eval_split
-    result = {"metric": metric, "split": split, "n": len(items), "base": base, "tuned": tuned, **baselines,
+    result = {"metric": metric, "split": split, "n": len(items), "base": base, **({"start": start} if start else {}),
+              "tuned": tuned, **baselines,
               "breakdown": breakdown(base_records, records, *grouping(run.recipe, split, records))}
     write_eval(out / "eval", records, result)
     # The headline numbers go to the run's trackers (report_to) too, beside the during-training metric.
@@ -106,3 +111,20 @@ def before_after(run, out: Path) -> dict:
     table = write_report(out, run, result, records)
     print(f"\n{table}\n\n[finetune] report: {out / 'report.md'}")
     return result
+
+
+STARTING = "starting"  # the name the starting adapter is loaded under, beside the trained one, for its score
+
+
+def starting_adapter_score(model, adapter, target, items, metric, cfg) -> float:
+    """The held-out score of the adapter a run started from (`model.adapter`), loaded beside the trained one (no
+    second model in memory) and removed again."""
+    from trl.trainer.utils import use_adapter
+
+    model.load_adapter(str(adapter), adapter_name=STARTING)
+    try:
+        with use_adapter(model, STARTING):
+            value, _ = score(target, items, metric, cfg.batch_size, cfg.max_new_tokens, desc="eval start")
+    finally:
+        model.delete_adapter(STARTING)
+    return value

@@ -34,7 +34,10 @@ def metric_points(log_history: list[dict]) -> tuple[str, list[tuple[int, float]]
 def metric_table(result: dict) -> str:
     """The before/after table, as markdown."""
     metric = result["metric"]
-    rows = [("base model", result["base"]), ("fine-tuned", result["tuned"]),
+    start = result.get("start")
+    rows = [("base model", result["base"]),
+            *([(f"starting adapter ({start['adapter']})", start["score"])] if start else []),
+            ("fine-tuned", result["tuned"]),
             ("majority answer (no image)", result["majority_answer"]),
             ("majority answer per question (no image)", result["majority_per_question"])]
     lines = [f"| {result['split']} split, {result['n']} samples | {metric} |", "|---|---|"]
