@@ -30,6 +30,7 @@ from ..evaluation.heldout import examples, metric_for, score, write_eval
 from ..evaluation.in_training import generation_target
 from ..evaluation.plots import Line, Panel, panels_figure, series
 from ..evaluation.preference import preference_accuracy
+from .sft import config_overrides, rows, trainer_kwargs  # noqa: F401  (rows as SFT's: the collator pairs them)
 from .trainer import Guarded
 
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of a starting adapter
@@ -125,16 +126,3 @@ def plot_curves(log_history: list[dict], path: Path, title: str) -> None:
     logps = Panel("log-prob of the reply", [Line("chosen", series(log_history, "logps/chosen")),
                                              Line("rejected", series(log_history, "logps/rejected"))])
     panels_figure(path, [margins, logps], title)
-
-
-def rows(chat_rows, processor, family):
-    """The scanned chat rows, as they are: the collator makes the batches."""
-    return chat_rows
-
-
-def trainer_kwargs(recipe) -> dict:
-    return {}
-
-
-def config_overrides(processor, family) -> dict:
-    return {}

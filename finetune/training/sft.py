@@ -38,8 +38,10 @@ def rows(chat_rows, processor, family):
 
 
 def trainer_kwargs(recipe) -> dict:
+    """What the Trainer takes beyond the pipeline's common arguments: nothing."""
     return {}
 
 
 def config_overrides(processor, family) -> dict:
+    """TRL config values that depend on the processor: none."""
     return {}
