@@ -94,6 +94,12 @@ def test_a_tiny_grpo_run_trains_the_adapter_and_reports_its_rewards(tmp_path):
     adapter = load_file(out / "adapter_model.safetensors")
     assert max(t.abs().max().item() for n, t in adapter.items() if "lora_B" in n) > 0
     assert (out / "adapter_config.json").is_file() and summary["throughput"] is None
+    # The reward panel of grpo_curves.png: the total and each reward function, per logged step.
+    from finetune.training.grpo import plot_curves
+
+    figure = plot_curves(curves, ["length"], None, "GRPO")
+    drawn = {line.get_label(): line.get_xydata()[:, 1].tolist() for line in figure.axes[0].get_lines()}
+    assert drawn["length"] == [c["rewards/length/mean"] for c in curves] and (out / "grpo_curves.png").is_file()
     # `finetune merge` takes a GRPO run folder as it takes an SFT one.
     parity = json.loads((finetune.merge(out, dtype="float32") / "parity.json").read_text())
     assert parity["passed"] and parity["max_abs_diff"] < 1e-4

@@ -24,6 +24,7 @@ from ..batching.collate import ChatCollator
 from ..batching.template import prepare_messages, template_kwargs
 from ..evaluation import in_training
 from ..evaluation.inference import stop_token_ids
+from ..evaluation.plots import Line, Panel, panels_figure, series
 from ..evaluation.rewards import Layout, build
 from .trainer import Guarded
 
@@ -90,8 +91,10 @@ def rows(chat_rows, processor, family):
 
 
 def saved(run, out: Path) -> dict:
-    """What run_summary.json adds: the rewards and TRL's reward figures per logged step."""
-    rows = [e for e in run.trainer.state.log_history if "step" in e and "reward" in e]
+    """What run_summary.json adds (the rewards and TRL's reward figures per logged step), and grpo_curves.png."""
+    log_history = run.trainer.state.log_history
+    plot_curves(log_history, run.recipe.rewards.functions, out / "grpo_curves.png", title="GRPO")
+    rows = [e for e in log_history if "step" in e and "reward" in e]
     keys = sorted({k for e in rows for k in e if k.startswith(("reward", "rewards/", "kl", "clip_ratio",
                                                                 "completions/"))})
     return {"method": "grpo", "start_adapter": run.recipe.model.adapter,
@@ -102,3 +105,12 @@ def saved(run, out: Path) -> dict:
 def before_after(run, out: Path) -> dict:
     """The base (or starting adapter) against the GRPO-trained model on the held-out split, as for SFT."""
     return in_training.before_after(run, out)
+
+
+def plot_curves(log_history: list[dict], functions: list[str], path: Path | None, title: str):
+    """The total reward and each reward function's mean per logged step; completion length beside KL."""
+    rewards = Panel("reward (mean over completions)", [Line("total", series(log_history, "reward"), smooth=True)]
+                    + [Line(name, series(log_history, f"rewards/{name}/mean")) for name in functions])
+    completions = Panel("completion length (tokens)", [Line("mean", series(log_history, "completions/mean_length"))],
+                        right=[Line("KL", series(log_history, "kl"))], right_label="KL to the reference")
+    return panels_figure(path, [rewards, completions], title)
