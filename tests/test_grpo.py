@@ -164,3 +164,22 @@ def test_resuming_from_a_grpo_checkpoint_samples_and_scores_the_same(tmp_path):
     (curves, losses), (again, losses_again) = after_the_checkpoint(first), after_the_checkpoint(resumed)
     assert [c[0] for c in curves] == [3, 4] and any(c[2] > 0 for c in curves)  # completions that differ
     assert again == curves and losses_again == pytest.approx(losses, abs=1e-7)
+
+
+def test_rows_whose_prompt_and_completion_budget_do_not_fit_are_dropped_with_their_ids(tmp_path):
+    """A GRPO row is its prompt (images expanded) plus max_completion_length generated tokens: the scan measures the
+    prompt as the row less its reference reply, and drops what would not fit training.max_length."""
+    from finetune.batching.lengths import Measurer
+    from finetune.training.pipeline import load_processing, scanned
+
+    r = recipe(tmp_path / "run", "data.max_samples=32")
+    _, family, processor, collator = load_processing(r)
+    chat, _ = scanned(r, "train", family, collator)
+    measurer = Measurer(processor, family)
+    prompts = {chat[i]["row_id"]: (lambda n, s: n - s)(*measurer.measure(chat[i])) for i in range(len(chat))}
+    limit = min(prompts.values()) + 8  # the shortest prompts fit with max_completion_length 8; longer ones do not
+    assert len(set(prompts.values())) > 1
+    _, report = scanned(load_recipe(r.to_dict(), [f"training.max_length={limit}"]), "train", family, collator)
+    dropped = [row for row, n in prompts.items() if n + 8 > limit]
+    assert report.dropped == {f"longer than training.max_length={limit}": dropped} and dropped
+    assert len(report.kept) == len(prompts) - len(dropped)

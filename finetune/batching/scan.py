@@ -155,7 +155,8 @@ class Measured:
 
 
 def scan_rows(rows, reader, measurer, max_length: int | None, on_too_long: str = "drop", on_bad_image: str = "drop",
-              verify: str = "header", num_proc: int = 1, cache: bool = True, log=print) -> ScanReport:
+              verify: str = "header", num_proc: int = 1, cache: bool = True, log=print,
+              completion_budget: int | None = None) -> ScanReport:
     """Measure the source `rows` (reader: finetune.data.RowReader) and decide which samples train.
 
     The measurements are cached (see `fingerprint`); the decisions (max_length, on_* settings) are not, so changing
@@ -180,7 +181,7 @@ def scan_rows(rows, reader, measurer, max_length: int | None, on_too_long: str =
         if folder is not None:
             folder.parent.mkdir(parents=True, exist_ok=True)
             measured.save(folder)
-    return decide(measured, max_length, on_too_long, on_bad_image)
+    return decide(measured, max_length, on_too_long, on_bad_image, completion_budget)
 
 
 def measure_rows(rows, reader, measurer, verify: str, num_proc: int) -> Measured:
@@ -277,8 +278,10 @@ def self_check(rows, reader, measurer, measured: Measured) -> bool:
     return True
 
 
-def decide(measured: Measured, max_length: int | None, on_too_long: str, on_bad_image: str) -> ScanReport:
-    """Which rows train, and every other row with its reason."""
+def decide(measured: Measured, max_length: int | None, on_too_long: str, on_bad_image: str,
+           completion_budget: int | None = None) -> ScanReport:
+    """Which rows train, and every other row with its reason. `completion_budget` (GRPO): a row is its prompt plus
+    that many generated tokens, not its reference reply (the prompt: the row less its supervised tokens)."""
     report = ScanReport(rows=len(measured.row_ids))
     dropped: dict[str, list[int]] = {}
     for i, problem in enumerate(measured.problems):
@@ -287,7 +290,9 @@ def decide(measured: Measured, max_length: int | None, on_too_long: str, on_bad_
             dropped.setdefault(reason, []).append(int(measured.row_ids[i]))
             report.examples.setdefault(reason, f"row {measured.row_ids[i]}: {detail}")
     usable = np.array([not p for p in measured.problems], dtype=bool)
-    longer = usable & (measured.lengths > max_length) if max_length is not None else np.zeros_like(usable)
+    lengths = measured.lengths if completion_budget is None else \
+        measured.lengths - measured.supervised + completion_budget
+    longer = usable & (lengths > max_length) if max_length is not None else np.zeros_like(usable)
     if longer.any():
         dropped[too_long(max_length)] = measured.row_ids[longer].tolist()
     empty = usable & ~longer & (measured.supervised == 0)

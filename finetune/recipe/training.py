@@ -26,6 +26,9 @@ TRAINING_EXTENSIONS: list[tuple[str, Any, Any, str]] = [
     ("resume", str | None, None,
      "null = start fresh; auto = continue from the newest complete checkpoint in output_dir (fresh if none); "
      "or a checkpoint folder, which must be complete"),
+    ("max_length", int | None, None,
+     "grpo (GRPOConfig has no such key): prompt tokens, images expanded, plus max_completion_length must fit; "
+     "longer rows are dropped by the pre-flight scan (data.on_too_long), with their ids"),
     ("resume_allow_incomplete", bool, False,
      "resume from an explicit checkpoint even if it lacks optimizer/scheduler/RNG state (warns loudly)"),
 ]

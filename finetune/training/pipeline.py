@@ -184,9 +184,11 @@ def scanned(recipe: Recipe, split: str, family: Family, collator: ChatCollator):
     cfg = recipe.data
     reader = RowReader(cfg, videos_as_images=not family.video_input)
     rows = source_rows(cfg, split)
-    report = scan_rows(rows, reader, Measurer(collator.processor, family), getattr(recipe.training, "max_length", None),
+    grpo = recipe.training.method == "grpo"  # a GRPO row is its prompt and max_completion_length generated tokens
+    report = scan_rows(rows, reader, Measurer(collator.processor, family), recipe.training.max_length,
                        cfg.on_too_long, cfg.on_bad_image, verify=cfg.verify_images,
-                       num_proc=cfg.num_proc or available_cores(), log=rank_log)
+                       num_proc=cfg.num_proc or available_cores(), log=rank_log,
+                       completion_budget=recipe.training.max_completion_length if grpo else None)
     return chat_rows(rows, reader), report
 
 
