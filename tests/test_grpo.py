@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import finetune
 from conftest import ROOT, image
+from finetune.batching.collate import ChatCollator
 from finetune.batching.template import prepare_messages, template_kwargs
 from finetune.evaluation.inference import prompt_batch
 from finetune.evaluation.rewards import RewardError
@@ -138,13 +139,7 @@ def test_completions_end_at_the_end_of_turn_token(model, tmp_path):
     tok = run.processor.tokenizer
     end_of_turn = tok.convert_tokens_to_ids(run.family.end_of_turn)
     assert end_of_turn in run.trainer.eos_token_ids and tok.eos_token_id in run.trainer.eos_token_ids
-    # The mask TRL builds from them: ones up to and including the first end-of-turn, zeros after (padding).
-    red, bar = (tok(word, add_special_tokens=False)["input_ids"][0] for word in ("red", " bar"))
-    ids = torch.tensor([[red, bar, end_of_turn, tok.pad_token_id, tok.pad_token_id]])
-    is_eos = torch.isin(ids, torch.tensor(run.trainer.eos_token_ids))
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), ids.shape[1])
-    mask = (torch.arange(ids.shape[1]) <= first[:, None]).int()
-    assert mask.tolist() == [[1, 1, 1, 0, 0]]
+    # (What TRL does with them, generation and mask, is checked through its own code below.)
 
 
 def test_resuming_from_a_grpo_checkpoint_samples_and_scores_the_same(tmp_path):
@@ -183,3 +178,44 @@ def test_rows_whose_prompt_and_completion_budget_do_not_fit_are_dropped_with_the
     dropped = [row for row, n in prompts.items() if n + 8 > limit]
     assert report.dropped == {f"longer than training.max_length={limit}": dropped} and dropped
     assert len(report.kept) == len(prompts) - len(dropped)
+
+
+@pytest.mark.parametrize("model", [f"zoo:{family}" for family in FAMILIES_WITH_GRPO] + [
+    f"zoo:{HUB / 'HuggingFaceM4__Idefics3-8B-Llama3'}"], ids=lambda m: m.rpartition("/")[2])
+def test_only_the_completion_up_to_its_end_of_turn_carries_loss(model, tmp_path):
+    """Through TRL's own generation and scoring (`_generate_and_score_completions`), with the model forced to write
+    " red" until a per-row step and then the family's end-of-turn: each completion is exactly what was written (no
+    prompt or image token in it), and its loss mask covers it up to and including the end-of-turn, never the
+    padding after it."""
+    from finetune.training.pipeline import prepare
+
+    run = prepare(recipe(tmp_path / "run", f"model.name_or_path={model}", "training.num_generations=2",
+                         "training.per_device_train_batch_size=2"))
+    trainer, tok = run.trainer, run.processor.tokenizer
+    word = tok(" red", add_special_tokens=False)["input_ids"][-1]
+    end = tok.convert_tokens_to_ids(run.family.end_of_turn)
+    ends_at = [1, 3]  # row 0 writes " red" then the end-of-turn; row 1 " red" x3 then it
+    calls = []
+
+    def force(module, inputs, output):
+        step = len(calls)
+        calls.append(step)
+        forced = torch.full_like(output[:, -1], -1e4)
+        for row in range(output.shape[0]):
+            forced[row, end if step == ends_at[row % 2] else word] = 1e4
+        output[:, -1] = forced
+        return output
+
+    rows = [run.trainer.train_dataset[0]] * 2  # one prompt, two generations
+    trainer.model.eval()
+    handle = trainer.model.get_output_embeddings().register_forward_hook(force)
+    try:
+        batch = trainer._generate_and_score_completions(rows)
+    finally:
+        handle.remove()
+    ids, mask = batch["completion_ids"], batch["completion_mask"]
+    assert ids[0, :2].tolist() == [word, end] and ids[1, :4].tolist() == [word, word, word, end]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert (ids[0, 2:] == tok.pad_token_id).all()
+    image_ids = torch.tensor(ChatCollator(run.processor, run.family).image_token_ids)
+    assert not torch.isin(ids, image_ids).any()
