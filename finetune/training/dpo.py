@@ -74,13 +74,13 @@ def before_after(run, out: Path) -> dict:
         # reference is the starting adapter again.
         model.load_adapter(run.recipe.model.adapter, REFERENCE_ADAPTER)
     pairs = collator(run.processor, run.family)
-    rows = run.eval_data.select(range(min(cfg.limit or len(run.eval_data), len(run.eval_data))))
+    held_out = run.eval_data.select(range(min(cfg.limit or len(run.eval_data), len(run.eval_data))))
     with reference(model):
-        pref_before = preference_accuracy(model, pairs, rows, cfg.batch_size)
-    pref_after = preference_accuracy(model, pairs, rows, cfg.batch_size)
+        pref_before = preference_accuracy(model, pairs, held_out, cfg.batch_size)
+    pref_after = preference_accuracy(model, pairs, held_out, cfg.batch_size)
 
     metric = metric_for(run.recipe, None)
-    items = examples(rows)  # the prompts, with the chosen reply as the reference answer
+    items = examples(held_out)  # the prompts, with the chosen reply as the reference answer
     target = generation_target(run)
     with reference(model):
         gen_before, _ = score(target, items, metric, cfg.batch_size, cfg.max_new_tokens, desc="eval reference")
@@ -112,9 +112,9 @@ CURVES = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/re
 
 def summary(log_history: list[dict]) -> dict:
     """TRL's logged DPO metrics per step, for run_summary.json."""
-    rows = [e for e in log_history if "step" in e and "rewards/margins" in e]
-    return {"curves": [{"step": e["step"], **{k: e[k] for k in CURVES if k in e}} for e in rows],
-            "final": {k: rows[-1][k] for k in CURVES if k in rows[-1]} if rows else {}}
+    logged = [e for e in log_history if "step" in e and "rewards/margins" in e]
+    return {"curves": [{"step": e["step"], **{k: e[k] for k in CURVES if k in e}} for e in logged],
+            "final": {k: logged[-1][k] for k in CURVES if k in logged[-1]} if logged else {}}
 
 
 def plot_curves(log_history: list[dict], path: Path, title: str) -> None:

@@ -20,12 +20,12 @@ from pathlib import Path
 import datasets
 import trl
 
-from ..batching.collate import ChatCollator
 from ..batching.template import prepare_messages, template_kwargs
 from ..evaluation import in_training
 from ..evaluation.inference import stop_token_ids
 from ..evaluation.plots import Line, Panel, panels_figure, series
 from ..evaluation.rewards import Layout, build
+from .sft import collator  # noqa: F401  (rows are measured as SFT rows, prompt and reply, for the scan)
 from .trainer import Guarded
 
 ANSWERS = "answers"  # the column of reference answers every reward receives
@@ -53,11 +53,6 @@ class Trainer(Guarded, trl.GRPOTrainer):
     def throughput(self, seconds: float) -> None:
         """Not counted: finetune counts collated batches, and GRPO's are generated (TRL logs `num_tokens`)."""
         return None
-
-
-def collator(processor, family) -> ChatCollator:
-    """The rows are measured as SFT rows (prompt and reference reply) for the pre-flight scan."""
-    return ChatCollator(processor, family)
 
 
 def trainer_kwargs(recipe) -> dict:
@@ -94,12 +89,12 @@ def saved(run, out: Path) -> dict:
     """What run_summary.json adds (the rewards and TRL's reward figures per logged step), and grpo_curves.png."""
     log_history = run.trainer.state.log_history
     plot_curves(log_history, run.recipe.rewards.functions, out / "grpo_curves.png", title="GRPO")
-    rows = [e for e in log_history if "step" in e and "reward" in e]
-    keys = sorted({k for e in rows for k in e if k.startswith(("reward", "rewards/", "kl", "clip_ratio",
+    logged = [e for e in log_history if "step" in e and "reward" in e]
+    keys = sorted({k for e in logged for k in e if k.startswith(("reward", "rewards/", "kl", "clip_ratio",
                                                                 "completions/"))})
     return {"method": "grpo", "start_adapter": run.recipe.model.adapter,
             "rewards": {"functions": run.recipe.rewards.functions, "weights": run.recipe.training.reward_weights,
-                        "curves": [{"step": e["step"], **{k: e[k] for k in keys if k in e}} for e in rows]}}
+                        "curves": [{"step": e["step"], **{k: e[k] for k in keys if k in e}} for e in logged]}}
 
 
 def before_after(run, out: Path) -> dict:

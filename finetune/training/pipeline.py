@@ -31,7 +31,7 @@ from . import dpo, grpo, sft
 from .adapter import continue_from
 from .checkpoints import CHECKPOINT, CheckpointError, checkpoints, leftovers, newest_complete, resume_point, step_of
 from .guards import HealthMonitor, TrainingInterrupted
-from .sharding import leave_sharding, refuse_text_only_rows_when_sharded, sharded_strategy
+from .sharding import leave_sharding, refuse_text_only_rows_when_sharded, sharded_strategy, weights_sharded
 
 #: What `finetune merge`, `push` and `PeftModel.from_pretrained` read from a run folder.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -243,11 +243,6 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
     for reason, info in ((decode_failures or {}).get("rows") or {}).items():
         print(f"[finetune] left out during training ({reason}): {info['count']} rows, ids {info['row_ids'][:10]}; "
               f"e.g. {info['example']}")
-
-
-def weights_sharded(distributed: dict | None) -> bool:
-    """FSDP and ZeRO-3 split the weights across ranks: a forward pass needs every rank."""
-    return bool(distributed) and distributed["strategy"].startswith(("FSDP", "DeepSpeed ZeRO-3"))
 
 
 def reload_adapter(run: Run, out: Path) -> None:

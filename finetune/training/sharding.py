@@ -51,8 +51,7 @@ def enable_fsdp_on_cpu(accelerator, args) -> bool:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
-    asked = args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    if not asked or state.distributed_type != DistributedType.MULTI_CPU:
+    if requested_strategy(args) != "FSDP" or state.distributed_type != DistributedType.MULTI_CPU:
         return False
     plugin = FullyShardedDataParallelPlugin(**(args.fsdp_plugin_args or {}))
     if state.mixed_precision != "no":
@@ -81,6 +80,11 @@ def strategy_of(trainer) -> dict:
     else:
         strategy = "single" if world == 1 else "none (each process trains alone)"
     return {"strategy": strategy, "world_size": world}
+
+
+def weights_sharded(ran: dict | None) -> bool:
+    """FSDP and ZeRO-3 (what `strategy_of` read) split the weights across ranks: a forward pass needs every rank."""
+    return bool(ran) and ran["strategy"].startswith(("FSDP", "DeepSpeed ZeRO-3"))
 
 
 def refuse_fallback(asked: str | None, ran: dict) -> None:
