@@ -65,7 +65,17 @@ def launch(launcher: list[str], script: list[str], args: list[str]) -> subproces
 
 
 def accelerate(mode: str) -> list[str]:
-    return [str(BIN / "accelerate"), "launch", *MODES[mode], "--num_processes", "2", "--mixed_precision", "no"]
+    # A port of its own per launch: the default 29500 may still be held by the previous launch's rendezvous.
+    return [str(BIN / "accelerate"), "launch", *MODES[mode], "--num_processes", "2", "--mixed_precision", "no",
+            "--main_process_port", str(free_port())]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("mode", list(MODES))
