@@ -23,6 +23,7 @@ from ..evaluation.report import loss_points, metric_points, write_recipe, write_
 from ..export.hub import push
 from ..export.merging import merge
 from ..models.families import Family
+from ..models.frozen import run_frozen_without_autograd
 from ..models.loading import load_family, load_model, load_processor
 from ..models.lora import LoraPlan, plan_lora, trainable_by_group
 from ..recipe import Recipe, RecipeError, load_recipe
@@ -31,6 +32,7 @@ from . import dpo, grpo, sft
 from .adapter import continue_from
 from .checkpoints import CHECKPOINT, CheckpointError, checkpoints, leftovers, newest_complete, resume_point, step_of
 from .guards import HealthMonitor, TrainingInterrupted
+from .kernels import refuse_missing_kernels
 from .sharding import leave_sharding, refuse_text_only_rows_when_sharded, sharded_strategy, weights_sharded
 
 #: What `finetune merge`, `push` and `PeftModel.from_pretrained` read from a run folder.
@@ -103,6 +105,7 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
     check_launch(recipe, from_environment())  # the launcher's settings agree with the recipe's, before any work
     # Processor first: it is cheap, and the data scan needs it before any weights are read.
     model_path, family, processor, collator = load_processing(recipe)
+    refuse_missing_kernels(recipe, family)
     packing = recipe.training.method == "sft" and recipe.training.packing
     if packing:
         if reason := refusal(family, recipe.model.attn_implementation):
@@ -164,6 +167,8 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
     )
     trainable = trainable_by_group(trainer.model, family)
     log("trainable parameters: " + ", ".join(f"{g} {n:,}" for g, n in trainable.items() if n))
+    # Exact (the same forward, without a graph): no reason to ever keep autograd in a frozen tower.
+    trainer.frozen_parts = run_frozen_without_autograd(trainer.model, family)
     run = Run(recipe, family, processor, trainer, lora, train_scan, eval_scan, train_data, eval_data)
     if recipe.evaluation.every_n_steps:
         during_training(run)
@@ -239,6 +244,8 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
             else f"mean loss {result.training_loss:.4f} (no step logged: lower training.logging_steps)")
     speed = (f"; {throughput['tokens_per_second']:.0f} tokens/s, {throughput['samples_per_second']:.2f} samples/s, "
              f"{throughput['padding_fraction']:.0%} padding" if throughput else "")
+    if throughput and throughput.get("mfu") is not None:  # CUDA runs only (finetune.training.trainer.throughput)
+        speed += f", MFU {throughput['mfu']:.1%}"
     print(f"[finetune] done in {time.time() - started:.0f}s; {loss}{speed}; outputs in {out}")
     for reason, info in ((decode_failures or {}).get("rows") or {}).items():
         print(f"[finetune] left out during training ({reason}): {info['count']} rows, ids {info['row_ids'][:10]}; "
