@@ -7,7 +7,8 @@
 #
 # The GPU machine has torch 2.11 (CUDA 13), transformers 5.17, peft, accelerate, huggingface_hub, tokenizers,
 # pyarrow, pandas, xxhash, pyyaml, pillow, pytest (shared/reference/gpu-machine.md). finetune also needs trl,
-# bitsandbytes and datasets; datasets needs dill and multiprocess; SmolVLM's processor needs num2words.
+# bitsandbytes and datasets; datasets needs dill and multiprocess; SmolVLM's processor needs num2words; the
+# benchmark measures Liger's kernels (liger-kernel: pure Python, its Triton comes with the CUDA torch there).
 # transformers does not travel: finetune runs on 5.17 (its tests pass there), and leaving it behind also keeps
 # the machine's own tokenizers/huggingface_hub pairing intact.
 #
@@ -19,8 +20,10 @@ cd "$(dirname "$0")/.."
 PY_VERSION=3.12
 DEST=.gpu-wheels
 LIMIT_MIB=${LIMIT_MIB:-62}
-# Pinned to the versions finetune is developed and tested with (scripts/setup.sh resolves the same ones).
-WHEELS=(trl==1.16.0 bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 num2words==0.5.14)
+# Pinned to the versions finetune is developed and tested with (scripts/setup.sh resolves the same ones; liger-kernel:
+# the release whose model table finetune.training.kernels was checked against).
+WHEELS=(trl==1.16.0 bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 num2words==0.5.14
+        liger-kernel==0.8.5)
 
 while [ $# -gt 0 ]; do
   case "$1" in
