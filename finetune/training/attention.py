@@ -2,15 +2,28 @@
 every sample to itself without computing the other samples' scores.
 
 finetune.batching.packing lays packs out as rows; the trainer's training step (finetune.training.trainer) calls
-these with the model in hand.
+these (`packed_inputs`) with the model in hand; scripts/bench_gpu.py lays out its packed rows the same way.
+
+Attention over packed rows on SDPA, by `kernel`:
+  per_sample  SDPA one sample at a time (a Python loop over the samples of every row, in every layer): exact
+              everywhere, and the only way for families with bidirectional image or prefix blocks;
+  varlen      one variable-length flash-attention call per layer for the whole batch (torch's own
+              `torch.nn.attention.varlen.varlen_attn`, else the flash-attn package's `flash_attn_varlen_func`):
+              CUDA only, bf16/fp16, causal samples only; any call it cannot take goes to per_sample;
+  auto        varlen where it runs, per_sample elsewhere (the CPU).
+flex_attention is not used: in torch 2.14 it has no backward on the CPU (so no CPU test could train through it), and
+on a GPU it compiles first, which costs a short run more than it saves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
 import torch
+
+from ..batching.packing import pack_batch, row_segments
 
 
 def rope_positions(model, batch: dict) -> torch.Tensor | None:
@@ -26,10 +39,12 @@ def rope_positions(model, batch: dict) -> torch.Tensor | None:
     return positions
 
 
-
 @contextlib.contextmanager
-def attention_per_sample(rows: list[list[int]], decoder: torch.nn.Module):
-    """SDPA attention for packed rows (`rows`: `row_segments`), one sample at a time.
+def attention_per_sample(rows: list[list[int]], decoder: torch.nn.Module, kernel: str = "per_sample",
+                         used: dict | None = None):
+    """SDPA attention for packed rows (`rows`: `row_segments`), one sample at a time, or (`kernel` varlen/auto, see
+    the module docstring) in one variable-length call. `used` counts the calls each way took (the GPU check reports
+    it, and the tests assert which path ran).
 
     A packed row's mask is block-diagonal (every sample sees only itself), but SDPA with a mask computes the whole
     (row x row) score matrix and masks it: a 1024-token row of 6 samples does ~6x the attention work of its samples.
@@ -40,9 +55,15 @@ def attention_per_sample(rows: list[list[int]], decoder: torch.nn.Module):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    used = {"varlen": 0, "per_sample": 0} if used is None else used
+    varlen = varlen_kernel() if kernel in ("auto", "varlen") else None
+    if kernel == "varlen" and varlen is None:
+        raise RuntimeError("packed attention kernel 'varlen': neither torch.nn.attention.varlen nor flash-attn runs "
+                           "here (CUDA only)")
     length = sum(rows[0])
     in_decoder = {id(m) for m in decoder.modules()}
     checked: dict[tuple, tuple[torch.Tensor, bool]] = {}  # a mask serves every layer: each block is checked once
+    split: dict[tuple, tuple[torch.Tensor, list[int] | None]] = {}  # the same, for the varlen kernel's sequences
 
     def causal(block: torch.Tensor) -> bool:
         """Whether the block is exactly causal (no bidirectional image or prefix block, no window cutting it)."""
@@ -53,10 +74,40 @@ def attention_per_sample(rows: list[list[int]], decoder: torch.nn.Module):
             checked[where] = (block, bool((attends == lower).all()))  # keeps the block: its address stays its own
         return checked[where][1]
 
+    def varlen_segments(attention_mask: torch.Tensor) -> list[int] | None:
+        """The causal sequences of the whole batch, row after row, if the mask is nothing but those: each block
+        causal, or (padding after a row's last sample: every padding token is a sequence of its own) the diagonal."""
+        where = (attention_mask.data_ptr(), attention_mask.shape)
+        if where not in split:
+            segments: list[int] | None = []
+            for b, blocks in enumerate(rows):
+                mask = attention_mask[b if attention_mask.shape[0] > 1 else 0][None]
+                start = 0
+                for n in blocks:
+                    block = mask[..., start:start + n, start:start + n]
+                    attends = block if block.dtype == torch.bool else block == 0
+                    if causal(block):
+                        segments.append(n)
+                    elif bool((attends == torch.eye(n, dtype=torch.bool, device=block.device)).all()):
+                        segments += [1] * n
+                    else:
+                        segments = None
+                        break
+                    start += n
+                if segments is None:
+                    break
+            split[where] = (attention_mask, segments)
+        return split[where][1]
+
     def attend(module, query, key, value, attention_mask, **kwargs):
         if (id(module) not in in_decoder or attention_mask is None or query.shape[0] != len(rows)
                 or query.shape[2] != length or key.shape[2] != length):
             return sdpa(module, query, key, value, attention_mask, **kwargs)
+        segments = varlen_segments(attention_mask) if varlen is not None and plain(query, kwargs) else None
+        if segments is not None:
+            used["varlen"] += 1
+            return varlen(query, key, value, segments, kwargs.get("scaling")), None
+        used["per_sample"] += 1
         pieces = []
         for b, blocks in enumerate(rows):
             mask = attention_mask[b if attention_mask.shape[0] > 1 else 0][None]
@@ -80,6 +131,83 @@ def attention_per_sample(rows: list[list[int]], decoder: torch.nn.Module):
             del ALL_ATTENTION_FUNCTIONS["sdpa"]
         else:
             ALL_ATTENTION_FUNCTIONS["sdpa"] = override
+
+
+#: The dtypes the varlen kernels take (flash-attention: half precision only).
+VARLEN_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def plain(query: torch.Tensor, kwargs: dict) -> bool:
+    """Whether a call is one the varlen kernel computes as SDPA would: its dtype, no dropout, no window."""
+    return query.dtype in VARLEN_DTYPES and not kwargs.get("dropout") and not kwargs.get("sliding_window")
+
+
+def varlen_kernel():
+    """A variable-length attention `(query, key, value, segments, scale) -> output` for SDPA-layout tensors
+    (batch, heads, length, head_dim) whose rows are split into causal `segments`, or None where none runs (no CUDA).
+    torch's own kernel first (FlashAttention-2 built into torch 2.10+), then the flash-attn package's."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn as fn
+    except ImportError:
+        try:
+            from flash_attn import flash_attn_varlen_func as fn
+        except ImportError:
+            return None
+    return functools.partial(call_varlen, fn)
+
+
+def call_varlen(fn, query, key, value, segments: list[int], scale: float | None):
+    """`fn` (torch's `varlen_attn` or flash-attn's `flash_attn_varlen_func`) over the flattened batch: every segment a
+    causal sequence of its own. Signatures differ by version (torch 2.10 `is_causal`, later `window_size`; GQA by
+    `enable_gqa` from torch 2.12, natively in flash-attn): read from `fn`, key/value heads repeated where needed."""
+    batch, heads, length, dim = query.shape
+    params = inspect.signature(fn).parameters
+    kwargs = {}
+    if "softmax_scale" in params:  # flash-attn: grouped-query attention is native
+        kwargs.update(softmax_scale=scale, causal=True)
+    else:
+        kwargs["scale"] = scale
+        if "is_causal" in params:
+            kwargs["is_causal"] = True
+        else:
+            kwargs["window_size"] = (-1, 0)
+        if key.shape[1] != heads:
+            if "enable_gqa" in params:
+                kwargs["enable_gqa"] = True
+            else:
+                key, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, value))
+    cu = torch.tensor([0, *segments], device=query.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    longest = max(segments)
+
+    def flat(t):
+        return t.transpose(1, 2).reshape(batch * length, t.shape[1], dim)
+
+    out = fn(flat(query), flat(key), flat(value), cu, cu, longest, longest, **kwargs)
+    return (out[0] if isinstance(out, tuple) else out).view(batch, length, heads, dim)
+
+
+def packed_inputs(model, inputs: dict, family, pad_token_id: int, kernel: str = "auto", used: dict | None = None):
+    """A collated batch of packs as packed rows (finetune.batching.packing), laid out for this model's attention,
+    and the context to train them in (on SDPA: `attention_per_sample` with `kernel`). `model`: the unwrapped
+    transformers model (no peft wrapper)."""
+    text_config = model.config.get_text_config()
+    attn = str(text_config._attn_implementation)
+    one_row = attn.startswith("flash")  # the kernel packs batch size 1 only
+    tokens = int(inputs["attention_mask"].sum())
+    if attn == "sdpa":
+        # Bidirectional image or prefix blocks are never causal: their rows keep the masked per-sample path.
+        bidirectional = family.prefix_lm or family.bidirectional_images
+        attention = attention_per_sample(row_segments(inputs), model.get_decoder(),
+                                         "per_sample" if bidirectional else kernel, used)
+    else:
+        attention = contextlib.nullcontext()
+    packed = pack_batch(inputs, family, pad_token_id, rope_positions(model, inputs), one_row)
+    if family.bidirectional_images and "token_type_ids" in packed:
+        packed["attention_mask"] = image_block_masks(text_config, packed, model.get_input_embeddings().weight.dtype,
+                                                     tokens)
+    return packed, attention
 
 
 class LayerMasks(dict):

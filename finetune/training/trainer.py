@@ -17,11 +17,12 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..batching.packing import PackedRows, pack_batch, row_segments
+from ..batching.packing import PackedRows
 from ..batching.streaming import StreamingRows
 from ..console import rounded
 from . import checkpoints
-from .attention import attention_per_sample, image_block_masks, rope_positions
+from .attention import packed_inputs
+from .flops import batch_flops, matmul_rate, model_shape
 from .guards import HealthMonitor, SaveOnInterrupt, refuse_nonfinite_weights
 from .sharding import enable_fsdp_on_cpu, full_trainable_state, refuse_fallback, requested_strategy, strategy_of
 
@@ -58,6 +59,10 @@ class Guarded:
         self._staging: Path | None = None
         self._last_log: tuple[float, torch.Tensor] | None = None  # (time, all ranks' counts) at the previous log
         self._paused = 0.0  # seconds since then spent outside training (generation evals), not counted
+        self.packed_attention = {"varlen": 0, "per_sample": 0}  # decoder attention calls on packed rows, by path
+        self.model_flops = 0.0  # finetune.training.flops, over the batches trained (this process)
+        self._shape = None
+        self.matmul_rate: float | None = None  # FLOP/s, measured on CUDA before the first step (the MFU denominator)
         super().__init__(*args, **kwargs)
         if isinstance(stream, (StreamingRows, PackedRows)):
             self.train_dataset = stream
@@ -80,6 +85,9 @@ class Guarded:
         # Counted where batches arrive (the collator may run in dataloader workers, whose counts would be lost).
         mask = inputs["attention_mask"]
         counts = [mask.shape[0], int(mask.sum()), mask.numel()]
+        # MFU is counted for SFT batches (labels over the rows): a DPO or GRPO step's work has another shape.
+        if not self._skip_batch and self.args.device.type == "cuda" and self.family is not None and "labels" in inputs:
+            self._count_flops(model, inputs)
         self._packed_tokens = None
         attention = contextlib.nullcontext()
         if "pack_sizes" in inputs:
@@ -93,21 +101,22 @@ class Guarded:
 
     def pack(self, model, inputs: dict):
         """A collated batch of packs as packed rows (finetune.batching.packing), laid out for this model's attention;
-        and the context to train them in (on SDPA: attention one sample at a time)."""
+        and the context to train them in (on SDPA: one variable-length kernel call on CUDA, else attention one
+        sample at a time: finetune.training.attention)."""
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        text_config = base.config.get_text_config()
-        attn = str(text_config._attn_implementation)
-        one_row = attn.startswith("flash")  # the kernel packs batch size 1 only
-        tokens = int(inputs["attention_mask"].sum())
-        attention = (attention_per_sample(row_segments(inputs), base.get_decoder()) if attn == "sdpa"
-                     else contextlib.nullcontext())
-        packed = pack_batch(inputs, self.family, self.processing_class.tokenizer.pad_token_id,
-                            rope_positions(base, inputs), one_row)
-        if self.family.bidirectional_images and "token_type_ids" in packed:
-            packed["attention_mask"] = image_block_masks(text_config, packed, base.get_input_embeddings().weight.dtype,
-                                                         tokens)
-        return packed, attention
+        return packed_inputs(base, inputs, self.family, self.processing_class.tokenizer.pad_token_id,
+                             used=self.packed_attention)
+
+    def _count_flops(self, model, inputs: dict) -> None:
+        """Model FLOPs of this batch (finetune.training.flops), for the run's MFU; on the first, the device's bf16
+        matmul rate is measured (a few hundred ms, before any training memory is in use)."""
+        if self._shape is None:
+            base = self.accelerator.unwrap_model(model)
+            self._shape = model_shape(base, self.family)
+            self.matmul_rate = matmul_rate(self.args.device)
+        config = self.accelerator.unwrap_model(model).config
+        self.model_flops += batch_flops(self._shape, inputs, config)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         self._take_dropped(inputs)
@@ -282,9 +291,22 @@ class Guarded:
     def throughput(self, seconds: float) -> dict:
         """Samples/s, non-padding tokens/s and padding fraction over all processes; call on every rank."""
         samples, tokens, padded = (int(x) for x in self.accelerator.reduce(self.seen.to(self.args.device), "sum"))
-        return {"samples": samples, "tokens": tokens, "samples_per_second": round(samples / seconds, 3),
-                "tokens_per_second": round(tokens / seconds, 1),
-                "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0}
+        facts = {"samples": samples, "tokens": tokens, "samples_per_second": round(samples / seconds, 3),
+                 "tokens_per_second": round(tokens / seconds, 1),
+                 "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0}
+        if sum(self.packed_attention.values()):
+            facts["packed_attention_calls"] = dict(self.packed_attention)
+        # MFU only where training ran on CUDA: there the denominator is measured on the same card. On a CPU a peak
+        # rate depends on threads, precision and whatever else the machine runs, so the figure would mean nothing.
+        if self.args.device.type == "cuda" and self.matmul_rate:
+            flops = float(self.accelerator.reduce(torch.tensor(self.model_flops, device=self.args.device), "sum"))
+            peak = self.matmul_rate * self.accelerator.num_processes
+            facts.update(model_flops_per_second=round(flops / seconds), mfu=round(flops / seconds / peak, 4),
+                         mfu_denominator="bf16 8192^3 matmul measured at the start of this run: "
+                                         f"{self.matmul_rate / 1e12:.0f} TFLOP/s per device",
+                         mfu_formula="finetune.training.flops (model FLOPs over real tokens, recomputation "
+                                     "not counted)")
+        return facts
 
     def get_train_dataloader(self):
         if not isinstance(self.train_dataset, StreamingRows):

@@ -1,0 +1,293 @@
+"""The GPU speed levers of issue 24, checked on the CPU where they run there: the frozen vision tower without
+autograd, the varlen attention path for packed rows (its plumbing, through a CPU stand-in for the CUDA kernel),
+the FLOPs formula behind MFU, Liger's refusals, and QLoRA without the fp32 upcast."""
+
+import functools
+
+import pytest
+import torch
+
+from finetune.batching.collate import ChatCollator
+from finetune.models.frozen import frozen_parts, run_frozen_without_autograd
+from finetune.recipe import RecipeError
+from finetune.training import attention, flops, kernels
+from finetune.training.pipeline import prepare
+from test_packing import randomised_adapters, three_samples
+from test_training import tiny_recipe
+
+
+def batch_of(run, samples):
+    return ChatCollator(run.processor, run.family)(samples)
+
+
+# --- the frozen vision tower ---------------------------------------------------------------------------------------
+
+
+def test_frozen_tower_runs_without_autograd_with_the_same_loss_and_gradients(tmp_path, monkeypatch):
+    """Qwen2.5-VL, LoRA on decoder + projector (the merger, inside model.visual): the tower's blocks run without a
+    graph and are not recomputed by gradient checkpointing; the trainable parameters, the loss and every LoRA
+    gradient are exactly those of the path with autograd through the tower."""
+    run = prepare(tiny_recipe("qwen2_5_vl", tmp_path))
+    model = run.trainer.model
+    parts = run.trainer.frozen_parts
+    assert "model.visual.patch_embed" in parts.names and "model.visual.blocks.0" in parts.names
+    assert "model.visual.merger.mlp.1" in parts.names  # downstream of the merger's adapter: keeps autograd per call
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("visual.merger" in n for n in trainable) and not any("visual.blocks" in n for n in trainable)
+
+    randomised_adapters(model)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()  # as TRL does with checkpointing: the tower's patch embeddings too
+    blocks = model.get_base_model().model.visual.blocks
+    graphs, runs = [], [0]  # whether each block's output has a graph; attention runs of the tower's blocks
+    for block in blocks:
+        block.register_forward_hook(lambda m, a, out: graphs.append(
+            (out[0] if isinstance(out, tuple) else out).requires_grad))
+    attention_forward = type(blocks[0].attn).forward  # counted on the class: recomputation runs no module hooks
+    monkeypatch.setattr(type(blocks[0].attn), "forward",
+                        lambda *a, **k: runs.__setitem__(0, runs[0] + 1) or attention_forward(*a, **k))
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = batch_of(run, three_samples())
+
+    def loss_and_grads():
+        runs[0] = 0
+        graphs.clear()
+        loss = run.trainer.compute_loss(model, dict(batch))
+        loss.backward()  # as training does: autograd.grad(loss, params) would prune the tower's path anyway
+        grads = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads, runs[0], list(graphs)
+
+    loss, grads, frozen_calls, frozen_graphs = loss_and_grads()
+    parts.undo()
+    assert not blocks[0]._forward_pre_hooks
+    loss_before, grads_before, calls_before, graphs_before = loss_and_grads()
+
+    assert torch.equal(loss, loss_before)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_before))
+    assert frozen_graphs == [False] * len(blocks) and graphs_before == [True] * len(blocks)
+    # Checkpointing recomputed every block in the backward pass when the tower carried a graph; now never.
+    assert frozen_calls == len(blocks) and calls_before == 2 * len(blocks)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
+
+
+def test_a_tower_trained_by_lora_keeps_autograd_where_its_gradients_flow(tmp_path):
+    """LoRA in the tower: its frozen pieces (norms, base layers) are hooked, but every call downstream of an adapter
+    keeps autograd: the vision adapters' gradients are exactly those without the hooks, and not zero."""
+    run = prepare(tiny_recipe("qwen2_5_vl", tmp_path, "lora.targets=[decoder,projector,vision]"))
+    model = run.trainer.model
+    assert not any(n == "model.visual.blocks.0" for n in run.trainer.frozen_parts.names)
+    randomised_adapters(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    vision = [i for i, (n, p) in enumerate((n, p) for n, p in model.named_parameters() if p.requires_grad)
+              if "visual.blocks" in n]
+    batch = batch_of(run, three_samples())
+    hooked = torch.autograd.grad(run.trainer.compute_loss(model, dict(batch)), params)
+    run.trainer.frozen_parts.undo()
+    plain = torch.autograd.grad(run.trainer.compute_loss(model, dict(batch)), params)
+    assert vision and all(hooked[i].abs().sum() > 0 for i in vision)
+    assert all(torch.equal(a, b) for a, b in zip(hooked, plain))
+
+
+def test_a_separate_frozen_projector_runs_without_autograd_too(tmp_path):
+    """LLaVA with LoRA on the decoder only: the whole tower and the projector (no adapter in it) are frozen parts."""
+    run = prepare(tiny_recipe("llava", tmp_path, "lora.targets=[decoder]"))
+    assert run.trainer.frozen_parts.names == ["model.vision_tower", "model.multi_modal_projector"]
+
+
+# --- packed attention: the varlen path ---------------------------------------------------------------------------
+
+
+def emulated(signature: str, seen: list):
+    """A CPU stand-in for the CUDA varlen kernel, with the signature of torch 2.10 (`is_causal`, no GQA) or 2.14
+    (`window_size`, `enable_gqa`): per-segment SDPA over the (tokens, heads, dim) layout, failing like the kernel on
+    key/value heads it does not take."""
+
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, enable_gqa=False, causal=False):
+        seen.append({"heads": q.shape[1], "kv_heads": k.shape[1], "segments": cu_q.diff().tolist(), "gqa": enable_gqa})
+        if k.shape[1] != q.shape[1] and not enable_gqa:
+            raise RuntimeError("number of key/value heads must equal the query heads")
+        assert causal and torch.equal(cu_q, cu_k) and max_q == max_k == int(cu_q.diff().max())
+        out = []
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            out.append(torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scale,
+                enable_gqa=enable_gqa).transpose(0, 1))
+        return torch.cat(out)
+
+    if signature == "2.10":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, scale=None):
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, causal=is_causal)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                        enable_gqa=False):
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, enable_gqa, window_size == (-1, 0))
+    return varlen_attn
+
+
+@pytest.mark.parametrize("signature", ["2.10", "2.14"])
+def test_varlen_path_trains_packed_rows_as_the_per_sample_path(signature, tmp_path, monkeypatch):
+    """Qwen2.5-VL (4 query heads, 2 key/value heads), 3 samples in two packed rows (the second padded): one kernel
+    call per layer over the whole batch, each sample and each padding token its own causal sequence, grouped-query
+    attention by `enable_gqa` or by repeated key/value heads; losses and LoRA gradients equal the per-sample path's."""
+    seen = []
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: functools.partial(attention.call_varlen,
+                                                                              emulated(signature, seen)))
+    monkeypatch.setattr(attention, "VARLEN_DTYPES", (torch.float32,))  # the stand-in computes in float32
+    run = prepare(tiny_recipe("qwen2_5_vl", tmp_path, "training.packing=true", "training.max_length=2048"))
+    trainer, model = run.trainer, run.trainer.model
+    randomised_adapters(model)
+    model.train()
+    samples = three_samples()
+    batch = trainer.data_collator([samples[:2], samples[2:]])
+    lengths = batch["attention_mask"].sum(1).tolist()
+    params = [p for p in model.parameters() if p.requires_grad]
+    base = model.get_base_model()
+    pad = run.processor.tokenizer.pad_token_id
+    results = {}
+    for kernel in ("per_sample", "varlen"):
+        used = {"varlen": 0, "per_sample": 0}
+        packed, context = attention.packed_inputs(base, dict(batch), run.family, pad, kernel, used)
+        with context:
+            loss = trainer.compute_loss(model, packed)
+            results[kernel] = (loss.detach(), torch.autograd.grad(loss, params), used)
+    layers = base.config.get_text_config().num_hidden_layers
+    assert results["per_sample"][2] == {"varlen": 0, "per_sample": layers}
+    assert results["varlen"][2] == {"varlen": layers, "per_sample": 0}
+    padding = sum(lengths[:2]) - lengths[2]
+    assert seen[0]["segments"] == lengths + [1] * padding and len(seen) == layers
+    assert (seen[0]["heads"], seen[0]["kv_heads"], seen[0]["gqa"]) == ((4, 4, False) if signature == "2.10"
+                                                                        else (4, 2, True))
+    torch.testing.assert_close(results["varlen"][0], results["per_sample"][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results["varlen"][1], results["per_sample"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_bidirectional_families_keep_the_masked_per_sample_path(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: functools.partial(attention.call_varlen,
+                                                                              emulated("2.14", seen)))
+    monkeypatch.setattr(attention, "VARLEN_DTYPES", (torch.float32,))
+    for family in ("gemma3", "paligemma"):
+        run = prepare(tiny_recipe(family, tmp_path / family, "training.packing=true", "training.max_length=2048"))
+        batch = run.trainer.data_collator([three_samples()])
+        used = {"varlen": 0, "per_sample": 0}
+        packed, context = attention.packed_inputs(run.trainer.model.get_base_model(), batch, run.family,
+                                                  run.processor.tokenizer.pad_token_id, "auto", used)
+        with context, torch.no_grad():
+            run.trainer.model(**{k: v for k, v in packed.items() if k != "labels"}, use_cache=False)
+        assert used["varlen"] == 0 and used["per_sample"] > 0 and not seen, family
+
+
+def test_the_varlen_kernel_is_none_without_cuda_and_asking_for_it_there_says_why(tmp_path):
+    assert attention.varlen_kernel() is None  # the CPU: training keeps the per-sample path
+    with pytest.raises(RuntimeError, match="'varlen'.*CUDA only"):
+        with attention.attention_per_sample([[3]], torch.nn.Linear(1, 1), "varlen"):
+            pass
+
+
+# --- FLOPs and MFU ---------------------------------------------------------------------------------------------
+
+
+def test_step_flops_follow_the_written_formula():
+    shape = flops.ModelShape(decoder=1000, head=300, vision=200, projector=50,
+                             lora={"decoder": 10, "vision": 0, "projector": 4}, layers=2, attention_width=8,
+                             vision_width=6, vision_layers=3, vision_full_layers=1, window=4, merge=2,
+                             image_token_id=7)
+    got = flops.step_flops(shape, sample_tokens=[5, 3], supervised=4, patches=[16], image_tokens=4)
+    decoder = 4 * 1000 * 8 + 4 * 300 * 4 + 6 * 10 * 8
+    attention_flops = 3 * 2 * 2 * 8 * (5 * 6 + 3 * 4)
+    vision = 2 * 200 * 16 + 4 * 6 * (16 * 16 * 1 + 16 * 4 * 2)
+    projector = 2 * (2 * 50 * 4) + 6 * 4 * 4  # trained by LoRA: gradients flow through it
+    assert got == decoder + attention_flops + vision + projector == 57_824
+
+
+def test_model_shape_counts_every_matmul_weight_once_and_batch_flops_reads_the_batch(tmp_path):
+    run = prepare(tiny_recipe("qwen2_5_vl", tmp_path))
+    model = run.trainer.model
+    shape = flops.model_shape(model, run.family)
+    base = model.get_base_model()
+    embed = base.get_input_embeddings().weight
+    frozen = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n and p is not embed)
+    assert shape.decoder + shape.head + shape.vision + shape.projector == frozen
+    assert shape.head == base.lm_head.weight.numel() and shape.lora["vision"] == 0
+    assert shape.lora["decoder"] + shape.lora["projector"] == sum(p.numel() for p in model.parameters()
+                                                                  if p.requires_grad)
+    vision = base.config.vision_config
+    assert (shape.vision_layers, shape.vision_full_layers, shape.window) == (
+        vision.depth, len(vision.fullatt_block_indexes), (vision.window_size // vision.patch_size) ** 2)
+    batch = batch_of(run, three_samples())
+    patches = batch["image_grid_thw"].prod(-1).tolist()
+    assert flops.image_patches(batch, base.config) == patches and len(patches) == 3
+    expected = flops.step_flops(shape, batch["attention_mask"].sum(1).tolist(),
+                                int((batch["labels"][:, 1:] != -100).sum()), patches,
+                                int((batch["input_ids"] == base.config.image_token_id).sum()))
+    assert flops.batch_flops(shape, batch, base.config) == expected > 0
+
+
+def test_padding_images_are_not_counted_as_patches():
+    class Vision:
+        patch_size = 14
+
+    class Config:
+        vision_config = Vision()
+
+    pixels = torch.zeros(2, 3, 3, 28, 42)  # 2 rows x 3 image slots, the last slot of each all-zero padding
+    pixels[:, :2] = 1.0
+    assert flops.image_patches({"pixel_values": pixels}, Config()) == [6] * 4
+
+
+def test_no_mfu_off_cuda(tmp_path):
+    """MFU's denominator is measured on CUDA only; a CPU run's summary has throughput but no MFU."""
+    assert flops.matmul_rate(torch.device("cpu")) is None
+    run = prepare(tiny_recipe("qwen2_vl", tmp_path, "training.max_steps=1"))
+    run.trainer.train()
+    facts = run.trainer.throughput(1.0)
+    assert facts["tokens"] > 0 and "mfu" not in facts and run.trainer.model_flops == 0.0
+
+
+# --- Liger -----------------------------------------------------------------------------------------------------
+
+
+def test_liger_is_refused_with_the_key_when_it_is_not_installed(tmp_path):
+    if kernels.liger_support() is not None:
+        pytest.skip("liger-kernel is installed here")
+    with pytest.raises(RecipeError, match=r"training.use_liger_kernel: liger-kernel is not installed.*finetune\[liger\]"):
+        prepare(tiny_recipe("qwen2_5_vl", tmp_path, "training.use_liger_kernel=true"))
+
+
+def test_liger_is_refused_for_a_family_it_has_no_kernels_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "liger_support", lambda: {"qwen2_5_vl": None, "smolvlm": None})
+    with pytest.raises(RecipeError, match="training.use_liger_kernel: Liger has no kernels for Idefics3"):
+        prepare(tiny_recipe("idefics3", tmp_path, "training.use_liger_kernel=true"))
+    with pytest.raises(RecipeError, match="training.liger_kernel_config: fused_linear_cross_entropy"):
+        prepare(tiny_recipe("qwen2_5_vl", tmp_path, "training.use_liger_kernel=true",
+                            "training.liger_kernel_config={fused_linear_cross_entropy: true}"))
+
+
+# --- QLoRA ------------------------------------------------------------------------------------------------------
+
+
+def test_qlora_keeps_the_frozen_weights_in_the_model_dtype(tmp_path):
+    """No fp32 upcast of what stays unquantized (peft's prepare_model_for_kbit_training did it): vision tower,
+    projector, embeddings and lm_head keep bf16, like TRL's own QLoRA path; every base weight is frozen."""
+    import bitsandbytes as bnb
+
+    from finetune.models.loading import load_family, load_model, load_processor
+
+    recipe = tiny_recipe("qwen2_5_vl", tmp_path, "model.dtype=bfloat16", "quantization.load_in_4bit=true",
+                         "quantization.compute_dtype=bfloat16")
+    path, family = load_family(recipe.model)
+    model = load_model(path, recipe.model, recipe.quantization, family)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    floating = {n: p.dtype for n, p in model.named_parameters() if p.is_floating_point()}
+    assert floating and set(floating.values()) == {torch.bfloat16}, {d for d in floating.values()}
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.visual.blocks[0].mlp.gate_proj.weight.dtype \
+        == torch.bfloat16
+    assert not any(p.requires_grad for p in model.parameters())
+    batch = ChatCollator(load_processor(path, recipe.model), family)([three_samples()[0]])
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    assert torch.isfinite(out.logits).all()
