@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from finetune.batching.collate import ChatCollator
-from finetune.models.frozen import frozen_parts, run_frozen_without_autograd
 from finetune.recipe import RecipeError
 from finetune.training import attention, flops, kernels
 from finetune.training.pipeline import prepare
@@ -106,14 +105,15 @@ def emulated(signature: str, seen: list):
     key/value heads it does not take."""
 
     def run(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, enable_gqa=False, causal=False):
-        seen.append({"heads": q.shape[1], "kv_heads": k.shape[1], "segments": cu_q.diff().tolist(), "gqa": enable_gqa})
+        seen.append({"heads": q.shape[1], "kv_heads": k.shape[1], "segments": cu_q.diff().tolist(), "gqa": enable_gqa,
+                     "causal": causal})
         if k.shape[1] != q.shape[1] and not enable_gqa:
             raise RuntimeError("number of key/value heads must equal the query heads")
-        assert causal and torch.equal(cu_q, cu_k) and max_q == max_k == int(cu_q.diff().max())
+        assert torch.equal(cu_q, cu_k) and max_q == max_k == int(cu_q.diff().max())
         out = []
         for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
             out.append(torch.nn.functional.scaled_dot_product_attention(
-                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scale,
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=causal, scale=scale,
                 enable_gqa=enable_gqa).transpose(0, 1))
         return torch.cat(out)
 
@@ -156,13 +156,56 @@ def test_varlen_path_trains_packed_rows_as_the_per_sample_path(signature, tmp_pa
     layers = base.config.get_text_config().num_hidden_layers
     assert results["per_sample"][2] == {"varlen": 0, "per_sample": layers}
     assert results["varlen"][2] == {"varlen": layers, "per_sample": 0}
+    decoder = [call for call in seen if call["causal"]]  # (the vision tower's calls are not: prepare() saw a kernel)
     padding = sum(lengths[:2]) - lengths[2]
-    assert seen[0]["segments"] == lengths + [1] * padding and len(seen) == layers
-    assert (seen[0]["heads"], seen[0]["kv_heads"], seen[0]["gqa"]) == ((4, 4, False) if signature == "2.10"
-                                                                        else (4, 2, True))
+    assert decoder[0]["segments"] == lengths + [1] * padding and len(decoder) == layers
+    assert (decoder[0]["heads"], decoder[0]["kv_heads"], decoder[0]["gqa"]) == (
+        (4, 4, False) if signature == "2.10" else (4, 2, True))
     torch.testing.assert_close(results["varlen"][0], results["per_sample"][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(results["varlen"][1], results["per_sample"][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_qwen_vision_windows_go_to_the_varlen_kernel_in_one_call_per_layer(tmp_path, monkeypatch):
+    """Qwen2.5-VL's tower on the varlen implementation: one bidirectional call per layer over every window (window
+    layers) or image (full layers) of the batch instead of one SDPA call per window; loss and LoRA gradients equal
+    the SDPA path's; switching back restores SDPA; the decoder's implementation is untouched."""
+    seen = []
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: functools.partial(attention.call_varlen,
+                                                                              emulated("2.14", seen)))
+    monkeypatch.setattr(attention, "VARLEN_DTYPES", (torch.float32,))
+    run = prepare(tiny_recipe("qwen2_5_vl", tmp_path))
+    model = run.trainer.model
+    vision = model.get_base_model().config.vision_config
+    assert vision._attn_implementation == attention.VISION_VARLEN  # prepare() found a kernel: the tower uses it
+    attention.use_vision_varlen(model, False)
+    randomised_adapters(model)
+    batch = batch_of(run, three_samples())
+    params = [p for p in model.parameters() if p.requires_grad]
+    sdpa_loss = run.trainer.compute_loss(model, dict(batch))
+    sdpa_grads = torch.autograd.grad(sdpa_loss, params)
+    assert not seen
+    assert attention.use_vision_varlen(model)
+    loss = run.trainer.compute_loss(model, dict(batch))
+    grads = torch.autograd.grad(loss, params)
+    images = (batch["image_grid_thw"].prod(-1)).tolist()
+    assert len(seen) == vision.depth and not any(call["causal"] for call in seen)
+    full = [call["segments"] for i, call in enumerate(seen) if i in vision.fullatt_block_indexes]
+    assert full == [images] * len(vision.fullatt_block_indexes)
+    windowed = [call["segments"] for i, call in enumerate(seen) if i not in vision.fullatt_block_indexes]
+    assert all(sum(w) == sum(images) and len(w) > len(images) for w in windowed)  # windows within the images
+    torch.testing.assert_close(loss, sdpa_loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads, sdpa_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert model.get_base_model().config.get_text_config()._attn_implementation == "sdpa"
+    attention.use_vision_varlen(model, False)
+    assert vision._attn_implementation == "sdpa"
+
+
+def test_vision_varlen_needs_a_kernel_and_a_qwen_tower(tmp_path):
+    run = prepare(tiny_recipe("qwen2_5_vl", tmp_path / "qwen"))
+    assert not attention.use_vision_varlen(run.trainer.model)  # no CUDA here: the tower stays on SDPA
+    assert run.trainer.model.get_base_model().config.vision_config._attn_implementation == "sdpa"
 
 
 def test_bidirectional_families_keep_the_masked_per_sample_path(tmp_path, monkeypatch):
@@ -178,7 +221,7 @@ def test_bidirectional_families_keep_the_masked_per_sample_path(tmp_path, monkey
                                                   run.processor.tokenizer.pad_token_id, "auto", used)
         with context, torch.no_grad():
             run.trainer.model(**{k: v for k, v in packed.items() if k != "labels"}, use_cache=False)
-        assert used["varlen"] == 0 and used["per_sample"] > 0 and not seen, family
+        assert used["varlen"] == 0 and used["per_sample"] > 0 and not seen, family  # (no Qwen tower here)
 
 
 def test_the_varlen_kernel_is_none_without_cuda_and_asking_for_it_there_says_why(tmp_path):
@@ -254,7 +297,7 @@ def test_no_mfu_off_cuda(tmp_path):
 def test_liger_is_refused_with_the_key_when_it_is_not_installed(tmp_path):
     if kernels.liger_support() is not None:
         pytest.skip("liger-kernel is installed here")
-    with pytest.raises(RecipeError, match=r"training.use_liger_kernel: liger-kernel is not installed.*finetune\[liger\]"):
+    with pytest.raises(RecipeError, match=r"use_liger_kernel: liger-kernel is not installed.*finetune\[liger\]"):
         prepare(tiny_recipe("qwen2_5_vl", tmp_path, "training.use_liger_kernel=true"))
 
 

@@ -185,22 +185,31 @@ def test_generation_after_training_on_the_device(trained, record):
     assert sum(a == e for a, e in zip(answers, expected)) >= 2, (answers, expected)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_varlen", "flash_attention_2"])
 def test_packed_rows_train_as_unpacked_on_the_gpu(attn, tmp_path, record):
     """training.packing on the device: Qwen2.5-VL's packed rows give each sample its unpacked loss and the same
-    gradients (fp32 on SDPA; bf16 on flash-attention, where the packs share one row, so bf16 tolerances)."""
+    gradients (fp32 on SDPA; bf16 on the varlen kernel, which SDPA packs take on CUDA in half precision, and on
+    flash-attention, where the packs share one row, so bf16 tolerances)."""
     from finetune.training.pipeline import prepare
     from test_packing import check_packing_is_exact
     from test_training import tiny_recipe
 
-    flash = attn.startswith("flash")
-    if flash:
+    flash, varlen = attn.startswith("flash"), attn.endswith("varlen")
+    if flash or varlen:
         if not CUDA:
-            pytest.skip("flash-attention needs CUDA")
+            pytest.skip(f"{attn} needs CUDA")
+    if flash:
         pytest.importorskip("flash_attn")
-    dtype = "bfloat16" if flash else "float32"
-    run = prepare(tiny_recipe("qwen2_5_vl", tmp_path, "training.packing=true", f"model.attn_implementation={attn}",
-                              f"model.dtype={dtype}"))
-    tolerance = ((2e-2, 2e-2), (5e-2, 1e-3)) if flash else ((1e-5, 1e-6), (1e-4, 1e-7))
+    if varlen:
+        from finetune.training.attention import varlen_kernel
+        if varlen_kernel() is None:
+            pytest.skip("no varlen kernel in this torch (torch.nn.attention.varlen) and no flash-attn")
+    dtype = "bfloat16" if flash or varlen else "float32"
+    run = prepare(tiny_recipe("qwen2_5_vl", tmp_path, "training.packing=true",
+                              f"model.attn_implementation={attn.removesuffix('_varlen')}", f"model.dtype={dtype}"))
+    tolerance = ((2e-2, 2e-2), (5e-2, 1e-3)) if flash or varlen else ((1e-5, 1e-6), (1e-4, 1e-7))
     relative = check_packing_is_exact(run, [2, 1], *tolerance)
-    record(attn=attn, dtype=dtype, loss_relative_difference=relative)
+    calls = dict(run.trainer.packed_attention)
+    if varlen:
+        assert calls["varlen"] > 0 and calls["per_sample"] == 0, calls
+    record(attn=attn, dtype=dtype, loss_relative_difference=relative, packed_attention_calls=calls)

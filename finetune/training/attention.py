@@ -158,21 +158,22 @@ def varlen_kernel():
     return functools.partial(call_varlen, fn)
 
 
-def call_varlen(fn, query, key, value, segments: list[int], scale: float | None):
+def call_varlen(fn, query, key, value, segments: list[int], scale: float | None, causal: bool = True):
     """`fn` (torch's `varlen_attn` or flash-attn's `flash_attn_varlen_func`) over the flattened batch: every segment a
-    causal sequence of its own. Signatures differ by version (torch 2.10 `is_causal`, later `window_size`; GQA by
-    `enable_gqa` from torch 2.12, natively in flash-attn): read from `fn`, key/value heads repeated where needed."""
+    sequence of its own, causal or not. Signatures differ by version (torch 2.10 `is_causal`, later `window_size`;
+    GQA by `enable_gqa` from torch 2.12, natively in flash-attn): read from `fn`, key/value heads repeated where
+    needed."""
     batch, heads, length, dim = query.shape
     params = inspect.signature(fn).parameters
     kwargs = {}
     if "softmax_scale" in params:  # flash-attn: grouped-query attention is native
-        kwargs.update(softmax_scale=scale, causal=True)
+        kwargs.update(softmax_scale=scale, causal=causal)
     else:
         kwargs["scale"] = scale
         if "is_causal" in params:
-            kwargs["is_causal"] = True
+            kwargs["is_causal"] = causal
         else:
-            kwargs["window_size"] = (-1, 0)
+            kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
         if key.shape[1] != heads:
             if "enable_gqa" in params:
                 kwargs["enable_gqa"] = True
@@ -186,6 +187,58 @@ def call_varlen(fn, query, key, value, segments: list[int], scale: float | None)
 
     out = fn(flat(query), flat(key), flat(value), cu, cu, longest, longest, **kwargs)
     return (out[0] if isinstance(out, tuple) else out).view(batch, length, heads, dim)
+
+
+#: An attention implementation for Qwen-VL vision towers: with "flash" in its name, their attention hands it the
+#: windows and images as cumulative lengths (`cu_seq_lens_q`) in one call; on SDPA they split the patches and
+#: call SDPA once per window of 64 patches per layer (an 800x600 chart: ~40 windows in each of 28 layers, one
+#: Python-level call each, in the forward and again when checkpointing recomputes).
+VISION_VARLEN = "finetune_flash_varlen"
+
+#: Model types whose vision attention passes `cu_seq_lens_q` to a flash-named implementation.
+VISION_VARLEN_MODELS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def vision_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            cu_seq_lens_q=None, cu_seq_lens_k=None, is_causal=False, **kwargs):
+    """One varlen kernel call for all windows or images of the batch (bidirectional within each); SDPA for any call
+    the kernel cannot take (no lengths given, fp32, dropout), which is what the tower's SDPA path would compute."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kernel = varlen_kernel()
+    if (kernel is None or cu_seq_lens_q is None or query.dtype not in VARLEN_DTYPES or dropout
+            or (cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k))):
+        for key_name in ("max_length_q", "max_length_k"):
+            kwargs.pop(key_name, None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      is_causal=is_causal, **kwargs)
+    return kernel(query, key, value, cu_seq_lens_q.diff().tolist(), scaling, causal=False), None
+
+
+def use_vision_varlen(model, on: bool = True) -> bool:
+    """Point the vision tower of a Qwen-VL model at `vision_varlen_attention` (or back to SDPA); True when it now
+    uses it. Only where a varlen kernel runs (CUDA) and the tower is on SDPA."""
+    from transformers import AttentionInterface
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vision = getattr(base.config, "vision_config", None)
+    if vision is None or base.config.model_type not in VISION_VARLEN_MODELS:
+        return False
+    if on and (varlen_kernel() is None or vision._attn_implementation != "sdpa"):
+        return False
+    if not on and vision._attn_implementation != VISION_VARLEN:
+        return False
+    configs = {id(vision): vision}  # the tower's modules hold the vision config (or a copy of its class)
+    configs.update({id(m.config): m.config for m in base.modules() if type(getattr(m, "config", None)) is type(vision)})
+    try:
+        AttentionInterface.register(VISION_VARLEN, vision_varlen_attention)
+        for config in configs.values():
+            config._attn_implementation = VISION_VARLEN if on else "sdpa"
+    except Exception:  # noqa: BLE001 - a transformers that refuses the name: the tower stays on SDPA
+        for config in configs.values():
+            config._attn_implementation = "sdpa"
+        return False
+    return on
 
 
 def packed_inputs(model, inputs: dict, family, pad_token_id: int, kernel: str = "auto", used: dict | None = None):

@@ -21,6 +21,7 @@ from ..evaluation.inference import load_target
 from ..evaluation.plots import training_figure
 from ..evaluation.report import loss_points, metric_points, write_recipe, write_summary
 from ..export.hub import push
+from ..export.gguf import export_gguf
 from ..export.merging import merge
 from ..models.families import Family
 from ..models.frozen import run_frozen_without_autograd
@@ -30,6 +31,7 @@ from ..recipe import Recipe, RecipeError, load_recipe
 from ..recipe.distributed import check_launch, from_environment
 from . import dpo, grpo, sft
 from .adapter import continue_from
+from .attention import use_vision_varlen
 from .checkpoints import CHECKPOINT, CheckpointError, checkpoints, leftovers, newest_complete, resume_point, step_of
 from .guards import HealthMonitor, TrainingInterrupted
 from .kernels import refuse_missing_kernels
@@ -169,6 +171,8 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
     log("trainable parameters: " + ", ".join(f"{g} {n:,}" for g, n in trainable.items() if n))
     # Exact (the same forward, without a graph): no reason to ever keep autograd in a frozen tower.
     trainer.frozen_parts = run_frozen_without_autograd(trainer.model, family)
+    if use_vision_varlen(trainer.model):  # CUDA only: one kernel call per layer instead of one per image window
+        log("vision tower attention: one varlen kernel call per layer (finetune.training.attention)")
     run = Run(recipe, family, processor, trainer, lora, train_scan, eval_scan, train_data, eval_data)
     if recipe.evaluation.every_n_steps:
         during_training(run)
@@ -261,10 +265,12 @@ def reload_adapter(run: Run, out: Path) -> None:
 
 def export_run(recipe: Recipe, out: Path) -> None:
     """What the recipe's `export` section asks for once training has written `out` (main process only): a merged,
-    parity-checked checkpoint and/or a push to the Hub."""
+    parity-checked checkpoint, checked GGUF files and/or a push to the Hub."""
     cfg = recipe.export
     if cfg.merge or (cfg.push_to_hub and cfg.hub_merged):
         merge(out, dtype=cfg.merge_dtype, onto=cfg.merge_onto)
+    if cfg.gguf:
+        export_gguf(out, outtypes=cfg.gguf)
     if cfg.push_to_hub:
         push(out, cfg.hub_repo_id, private=cfg.hub_private, revision=cfg.hub_revision, merged=cfg.hub_merged)
 
