@@ -16,27 +16,17 @@ family table). Steps run under bf16 autocast on a GPU, as the trainer's `bf16: t
 Default: a few optimizer steps on synthetic batches laid out as the real processor would (image tokens per
 image, tiles, patches); tokens/s counts every token.
 
---compare (Qwen2.5-VL): one epoch over the same chat rows (scripts/bench_train.py's mix: image sizes, image
-counts, turns and answer lengths all vary), twice, on the same model, same micro-batch, no accumulation, same
-gradient-checkpointing setting:
-  cookbook  TRL's default vision collator (`DataCollatorForVisionLanguageModeling`) over a seeded random order:
-            every batch padded to its longest row, as `SFTTrainer` does by default;
-  finetune  finetune's `ChatCollator` in finetune's length-grouped order (its trainer's sampler, fed the lengths
-            the pre-flight scan measures).
-Batches are collated before the clock starts (collation time is reported beside); tokens/s counts non-padding
-tokens. The processor is the zoo Qwen2.5-VL one (real processor classes and chat template, small tokenizer); the
-checkpoint's special-token ids are set to match it.
+--compare (Qwen2.5-VL): the cookbook pipeline against finetune's at real ChartQA shape (rows of ~300-1,300 tokens,
+one chart each), LoRA and QLoRA, with each of finetune's levers measured on and off, and a profile of finetune's
+LoRA steps: scripts/bench_compare.py says how.
 
 --recipe-memory RECIPE: the recipe's own settings (quantization, LoRA, batch, max_length, gradient checkpointing,
 optimizer) through finetune's pipeline (`finetune.training.pipeline.prepare` and its trainer) on rows that fill
 max_length (an 800x600 chart at Qwen2.5-VL's own pixel limits, plus text), for a few steps: peak GPU memory.
 
-MFU: FLOPs per step count 2 x params x tokens for each forward matmul, the decoder twice more for the backward
-pass (activation gradients only: its weights are frozen), the vision tower once per patch and the projector
-once per merged token (frozen tower: no gradient flows into it). Recomputation under gradient checkpointing and
-attention-score FLOPs are left out, so MFU is understated; --compare counts non-padding tokens only (useful
-work). Peak: 790 TFLOP/s bf16 dense on H100 (measured on the borrowed card, 8192^3 matmul) and H200 (same
-compute die); datasheet figures for the others.
+MFU: model FLOPs by finetune.training.flops (the formula is written out there: decoder forward and activation
+backward, LoRA, causal attention per sample, vision tower and projector; recomputation not counted) over the bf16
+dense matmul rate measured on the same device in the same run (finetune.training.flops.matmul_rate).
 """
 
 from __future__ import annotations
@@ -99,10 +89,6 @@ FULL = {
 # The zoo's tiny checkpoints of the same families: the whole script runs on a CPU in seconds.
 TINY = {"qwen2_5_vl_7b": dict(family="qwen2_5_vl", image_px=56), "smolvlm_2b": dict(family="smolvlm", tiles=5),
         "llama_3_2_11b_vision": dict(family="mllama", tiles=2)}
-
-# Dense bf16 peak (FLOP/s) by device-name substring, for MFU. H100: measured (see the docstring); H200: the same
-# compute die, so the same figure; the rest: datasheet.
-PEAK_FLOPS = {"H200": 790e12, "H100": 790e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 
 # Qwen2.5-VL's config keys for the tokens its processor inserts, and those tokens.
 QWEN_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -238,6 +224,10 @@ def load_for_mode(path: Path, mode: str, built, device: torch.device, gradient_c
         model = load_model(str(path), cfg, QuantizationConfig(load_in_4bit=mode == "qlora"), family)
         if mode == "lora":
             model.to(device)  # QLoRA is placed on the GPU by the loader's device_map
+    from trl.trainer.utils import add_fused_lm_head
+
+    # TRL's SFTTrainer scores through its fused LM head (added before PEFT wraps the model); both sides use it.
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     lora = LoraConfig()
     model = get_peft_model(model, plan_lora(model, family, lora).peft_config(lora))
     if gradient_checkpointing:
@@ -257,34 +247,6 @@ def release(device: torch.device) -> None:
 # --- steps and FLOPs ----------------------------------------------------------------------------------------------
 
 
-def parameter_counts(model, family) -> dict[str, int]:
-    """Parameters that do matmuls (input embeddings excluded) per part: text (decoder + lm_head), vision, projector."""
-    from finetune.models.families import matches
-
-    embed = model.get_input_embeddings().weight
-    counts = {"text": 0, "vision": 0, "projector": 0}
-    for name, p in model.named_parameters():
-        if p is embed or "lora_" in name:
-            continue
-        base = name.removeprefix("base_model.model.")
-        part = "projector" if matches(family.projector, base) else "vision" if matches(family.vision, base) else "text"
-        counts[part] += p.numel() * (2 if p.dtype == torch.uint8 else 1)  # 4-bit: two weights per byte
-    return counts
-
-
-def step_flops(counts: dict[str, int], tokens: int, patches: int, config) -> float:
-    """Model FLOPs of one LoRA training step (see the docstring)."""
-    merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", 1)  # Qwen: 2x2 patches per token
-    merged = patches // merge ** 2
-    return 4 * counts["text"] * tokens + 2 * counts["vision"] * patches + 2 * counts["projector"] * merged
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return next((f for k, f in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-
-
 def optimizer_for(model, device: torch.device):
     """AdamW over the adapters, fused on a GPU (transformers' default optimizer there)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -295,7 +257,7 @@ def train_step(model, batch: dict, optimizer, device: torch.device) -> torch.Ten
     """One optimizer step; bf16 autocast on a GPU as the trainer's `bf16: true` (QLoRA keeps the tower in fp32)."""
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss = model(**batch).loss
+        loss = model(**batch, use_cache=False).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -335,11 +297,13 @@ def write_json(path: str | None, key: str, value) -> None:
 
 
 def run_one(name: str, mode: str, args, device: torch.device, path: Path, built) -> dict:
+    from finetune.training.flops import batch_flops, matmul_rate, model_shape
+
     spec = (FULL if args.preset == "full" else TINY)[name]
     model, family = load_for_mode(path, mode, built, device, args.gradient_checkpointing)
     del built
     config = model.base_model.model.config
-    batch, n_patches = synthetic_batch(spec["family"], config, spec, args.batch, args.text_tokens, device)
+    batch, _ = synthetic_batch(spec["family"], config, spec, args.batch, args.text_tokens, device)
     optimizer = optimizer_for(model, device)
     times = []
     for step in range(args.warmup + args.steps):
@@ -353,11 +317,12 @@ def run_one(name: str, mode: str, args, device: torch.device, path: Path, built)
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     tokens = batch["input_ids"].numel()
-    counts = parameter_counts(model, family)
-    peak = peak_flops(device)
-    result = {"model": name, "mode": mode, "params_m": sum(counts.values()) / 1e6, "tokens": tokens,
+    shape = model_shape(model, family)
+    peak = matmul_rate(device)
+    params = shape.decoder + shape.head + shape.vision + shape.projector
+    result = {"model": name, "mode": mode, "params_m": params / 1e6, "tokens": tokens,
               "step_s": step_s, "tokens_per_s": tokens / step_s, "loss": loss.item(), **peak_gib(device),
-              "mfu": step_flops(counts, tokens, n_patches, config) / step_s / peak if peak else None}
+              "mfu": batch_flops(shape, batch, config) / step_s / peak if peak else None}
     del model, optimizer, batch
     release(device)
     return result
@@ -386,17 +351,6 @@ def synthetic(args, device: torch.device) -> int:
 # --- --compare: the cookbook pipeline vs finetune's ---------------------------------------------------------------
 
 
-def chat_rows(n: int, seed: int, folder: Path) -> list[dict]:
-    """bench_train.py's chat rows (messages + decoded images)."""
-    from bench_train import make_data
-
-    from finetune.data.images import load_image
-
-    path = make_data(folder, n, seed)
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [{"messages": r["messages"], "images": [load_image(p, folder) for p in r["images"]]} for r in rows]
-
-
 def cookbook_batches(rows: list[dict], processor, batch: int, seed: int) -> list[dict]:
     """TRL's default vision collator over a seeded random order: what `SFTTrainer` does out of the box."""
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
@@ -404,114 +358,6 @@ def cookbook_batches(rows: list[dict], processor, batch: int, seed: int) -> list
     collator = DataCollatorForVisionLanguageModeling(processor)  # max_length None: never cut image tokens
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     return [collator([copy.deepcopy(rows[i]) for i in order[k:k + batch]]) for k in range(0, len(order), batch)]
-
-
-def finetune_batches(rows: list[dict], processor, family, batch: int, seed: int) -> list[dict]:
-    """finetune's collator in its trainer's length-grouped order, fed the lengths the pre-flight scan records.
-
-    The trainer's sampler sorts mega-batches of 50 batches by length; transformers shrinks them for datasets under
-    200 x batch rows (to one batch, no grouping at all, under 16 x batch), so the mega-batch of a real dataset is
-    asked for explicitly. These rows then form one mega-batch, sorted: sparser in lengths, so more padded, than a
-    real dataset's 200 rows.
-    """
-    from transformers.trainer_pt_utils import get_length_grouped_indices
-
-    from finetune.batching.collate import ChatCollator
-
-    collator = ChatCollator(processor, family)
-    lengths = [collator([row])["input_ids"].shape[1] for row in rows]
-    order = get_length_grouped_indices(lengths, batch, mega_batch_mult=50,
-                                       generator=torch.Generator().manual_seed(seed))
-    return [collator([rows[i] for i in order[k:k + batch]]) for k in range(0, len(order), batch)]
-
-
-def timed_epoch(model, batches: list[dict], optimizer, device: torch.device) -> dict:
-    """Every batch once; wall time from the first step to the last synchronised one, and what was trained."""
-    sync(device)
-    reset_peak(device)
-    start = time.perf_counter()
-    losses = [train_step(model, b, optimizer, device) for b in batches]
-    sync(device)
-    seconds = time.perf_counter() - start
-    losses = [float(x) for x in losses]
-    if not all(map(lambda x: x == x and abs(x) != float("inf"), losses)):
-        raise RuntimeError(f"non-finite training loss: {losses}")
-    return {"seconds": seconds, "steps": len(batches), "samples": sum(len(b["input_ids"]) for b in batches),
-            "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
-            "padded_tokens": sum(b["attention_mask"].numel() for b in batches),
-            "patches": sum(int(b["pixel_values"].shape[0]) for b in batches),
-            "first_loss": losses[0], "last_loss": losses[-1], **peak_gib(device)}
-
-
-def compare(name: str, args, device: torch.device) -> dict:
-    from finetune.models.loading import load_family, load_processor
-    from finetune.recipe import ModelConfig
-
-    spec = (FULL if args.preset == "full" else TINY)[name]
-    if spec["family"] != "qwen2_5_vl":
-        raise SystemExit(f"--compare: {name} is not Qwen2.5-VL (the only family whose processor the random "
-                         "checkpoint can borrow from the zoo)")
-    path, built = model_source(name, args, device)
-    cfg = ModelConfig(name_or_path=str(path))
-    _, family = load_family(cfg)
-    processor = load_processor(str(path), cfg)
-    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": args.max_pixels}
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = chat_rows(args.samples, args.seed, Path(tmp))
-    import trl.trainer.sft_trainer  # noqa: F401 - imported before the collation clock starts
-    collated, collate_s = {}, {}
-    for side, make in (("cookbook", lambda: cookbook_batches(rows, copy.deepcopy(processor), args.batch, args.seed)),
-                       ("finetune", lambda: finetune_batches(rows, copy.deepcopy(processor), family, args.batch,
-                                                             args.seed))):
-        start = time.perf_counter()
-        collated[side] = make()
-        collate_s[side] = time.perf_counter() - start
-    peak = peak_flops(device)
-    marker = path / MARKER
-    report = {"model": name, "preset": args.preset, "device": device_name(device), "samples": len(rows),
-              "batch": args.batch, "gradient_checkpointing": args.gradient_checkpointing,
-              "max_pixels": args.max_pixels, "peak_flops": peak,
-              "collate_s": {k: round(v, 2) for k, v in collate_s.items()},
-              "checkpoint": json.loads(marker.read_text()) if marker.is_file() else None, "runs": [], "ratios": {}}
-    print(f"\n{name}: {len(rows)} chat rows, batch {args.batch}, no accumulation, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'} on both sides; one epoch per pipeline\n")
-    print("| mode | pipeline | padding | non-padding tokens/s | samples/s | step (s) | peak GPU mem (GiB) | MFU |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
-    modes = sorted(args.modes, key=lambda m: m != "lora") if built is not None else args.modes
-    for mode in modes:
-        model, family = load_for_mode(path, mode, built if mode == "lora" else None, device,
-                                      args.gradient_checkpointing)
-        built = None  # carries adapters now (or was never built here)
-        config = model.base_model.model.config
-        counts = parameter_counts(model, family)
-        optimizer = optimizer_for(model, device)
-        for side in ("finetune", "cookbook"):  # warm-up (kernels, allocator), not timed: the longest batch first
-            train_step(model, collated[side][0], optimizer, device)
-        for side in ("cookbook", "finetune"):
-            r = timed_epoch(model, collated[side], optimizer, device)
-            flops = sum(step_flops(counts, int(b["attention_mask"].sum()), int(b["pixel_values"].shape[0]), config)
-                        for b in collated[side])
-            r.update(mode=mode, pipeline=side, collate_s=round(collate_s[side], 2),
-                     padding=round(1 - r["tokens"] / r["padded_tokens"], 3),
-                     tokens_per_s=r["tokens"] / r["seconds"], samples_per_s=r["samples"] / r["seconds"],
-                     step_s=r["seconds"] / r["steps"], mfu=flops / r["seconds"] / peak if peak else None,
-                     params_m=round(sum(counts.values()) / 1e6, 1))
-            report["runs"].append(r)
-            write_json(args.json, "compare", report)
-            mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-            print(f"| {mode} | {side} | {r['padding']:.2f} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | "
-                  f"{r['step_s']:.3f} | {mem} | {mfu} |", flush=True)
-        a, b = report["runs"][-2], report["runs"][-1]
-        report["ratios"][mode] = {"tokens_per_s": round(b["tokens_per_s"] / a["tokens_per_s"], 2),
-                                  "peak_mem": round(b["peak_mem_gib"] / a["peak_mem_gib"], 2)
-                                  if a["peak_mem_gib"] else None}
-        write_json(args.json, "compare", report)
-        print(f"| {mode} | finetune / cookbook | | {report['ratios'][mode]['tokens_per_s']:.2f}x | | | "
-              f"{report['ratios'][mode]['peak_mem'] or '-'}x | |", flush=True)
-        del model, optimizer
-        release(device)
-    return report
 
 
 def device_name(device: torch.device) -> str:
@@ -628,8 +474,12 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2, help="synthetic: untimed steps first")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--compare", action="store_true", help="cookbook vs finetune pipelines on chat rows (Qwen2.5-VL)")
-    p.add_argument("--samples", type=int, default=64, help="--compare: chat rows (one epoch per pipeline)")
-    p.add_argument("--max-pixels", type=int, default=448 * 448, help="--compare: image budget (<= 256 tokens)")
+    p.add_argument("--samples", type=int, default=128, help="--compare: ChartQA rows (one epoch per pipeline)")
+    p.add_argument("--max-pixels", type=int, default=QWEN_PIXELS["max_pixels"],
+                   help="--compare: the image processor's pixel limit (default Qwen2.5-VL's own)")
+    p.add_argument("--pack-length", type=int, default=2560, help="--compare: finetune's packed row, in tokens")
+    p.add_argument("--sweep-steps", type=int, default=6, help="--compare: steps per lever on/off measurement")
+    p.add_argument("--deadline-s", type=float, help="--compare: skip lever measurements that would end later")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe-memory", metavar="RECIPE", help="peak memory of this Qwen2.5-VL-7B recipe's settings")
     p.add_argument("--recipe-steps", type=int, default=3, help="--recipe-memory: optimizer steps")
@@ -648,6 +498,8 @@ def main() -> int:
         print(json.dumps(r, indent=2))
         return 0
     if args.compare:
+        from bench_compare import compare
+
         for name in args.models:
             compare(name, args, device)
         return 0

@@ -11,7 +11,8 @@ overall budget (FINETUNE_GPU_CHECK_BUDGET seconds, default 420 on a GPU):
            datasets;
   env      versions, the card, a bitsandbytes NF4 round trip and a bf16 matmul rate on the device;
   tests    `pytest -m gpu tests/test_gpu.py`;
-  bench    `scripts/bench_gpu.py --compare` at Qwen2.5-VL-7B shape, QLoRA and LoRA (it builds the random checkpoint,
+  bench    `scripts/bench_gpu.py --compare` at Qwen2.5-VL-7B shape on ChartQA-sized rows, LoRA and QLoRA: cookbook vs
+           finetune's best, each lever on/off, a profile (scripts/bench_compare.py; it builds the random checkpoint,
            kept for the next step);
   recipe   `scripts/bench_gpu.py --recipe-memory recipes/qwen2_5-vl-7b-qlora.yaml`.
 $OUT receives gpu-results.json, gpu-results.md and gpu-check.log, rewritten after every step so that a run cut
@@ -221,26 +222,29 @@ def path_with(site: Path, env: dict[str, str]) -> str:
 def steps(python: str, work: Path, dry_run: bool, checkpoints: Path) -> list[Step]:
     bench = [python, "scripts/bench_gpu.py"]
     if dry_run:  # tiny shapes on the CPU; the recipe's 2048 tokens shrunk so the CPU does it in seconds
-        compare = ["--preset", "tiny", "--samples", "16", "--max-pixels", str(112 * 112)]
+        compare = ["--preset", "tiny", "--samples", "24", "--max-pixels", str(112 * 112), "--pack-length", "512",
+                   "--sweep-steps", "2"]
         recipe = ["--preset", "tiny", "--max-length", "1024"]
-    else:
-        compare = ["--samples", "64", "--checkpoint-dir", str(checkpoints)]
+    else:  # 128 ChartQA rows of 351-1,311 tokens: cookbook 32 steps of 4 rows, finetune 37 packs of 2560 tokens
+        compare = ["--checkpoint-dir", str(checkpoints), "--deadline-s", "270"]
         recipe = ["--checkpoint-dir", str(checkpoints)]
-    # Timeouts bound a hang, the overall budget bounds the sum. Expected on an H100: env 10 s, tests 60 s, bench
-    # 150 s (build and save 16.6 GB, then QLoRA load), recipe 60 s. On 2 CPU cores: 6, 10, 8, 10 s.
+    # Timeouts bound a hang, the overall budget bounds the sum. Expected on an H100/H200: env 16 s, tests 35 s,
+    # bench ~290 s (build and save 16.6 GB; per mode two full epochs of ~100k real tokens, a sweep of 4-6 levers at 6
+    # steps, QLoRA's load), recipe 30 s. On 2 CPU cores: 6, 15, 20, 10 s. The bench writes its JSON after every
+    # measurement: cut off, it still leaves what it measured.
     return [
         Step("env", "versions, device, bitsandbytes NF4 round trip, bf16 matmul rate",
              [python, "scripts/gpu_check.py", "--probe", str(work / "env.json")], 60, results=work / "env.json"),
         Step("tests", "pytest -m gpu tests/test_gpu.py",
              [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py",
-              f"--junitxml={work / 'tests.xml'}"], 120 if dry_run else 150,
+              f"--junitxml={work / 'tests.xml'}"], 120 if dry_run else 90,
              env={"FINETUNE_GPU_RESULTS": str(work / "tests.json")}, results=work / "tests.xml"),
-        Step("bench", "cookbook vs finetune at Qwen2.5-VL-7B shape, QLoRA and LoRA",
+        Step("bench", "cookbook vs finetune at Qwen2.5-VL-7B shape on ChartQA rows, LoRA and QLoRA, levers, profile",
              [*bench, "--models", "qwen2_5_vl_7b", "--modes", "qlora", "lora", "--compare", *compare,
-              "--json", str(work / "bench.json")], 120 if dry_run else 270, results=work / "bench.json"),
+              "--json", str(work / "bench.json")], 120 if dry_run else 300, results=work / "bench.json"),
         Step("recipe", f"peak memory of {RECIPE} at its max_length",
              [*bench, "--recipe-memory", RECIPE, *recipe, "--json", str(work / "recipe.json")],
-             120 if dry_run else 150, results=work / "recipe.json"),
+             120 if dry_run else 90, results=work / "recipe.json"),
     ]
 
 
@@ -319,25 +323,7 @@ def render_markdown(r: dict) -> str:
             figs = ", ".join(f"{k} {short(v)}" for k, v in t["figures"].items())
             lines.append(f"| {test} | {t['outcome']} | {t['seconds']} | {figs or t['message'] or ''} |")
         lines.append("")
-    bench = r.get("bench")
-    if bench and bench.get("runs"):
-        lines += [f"## Cookbook vs finetune, {bench['model']} shape ({bench['preset']} preset)", "",
-                  f"{bench['samples']} chat rows, one epoch per pipeline, batch {bench['batch']}, no accumulation, "
-                  f"gradient checkpointing {'on' if bench['gradient_checkpointing'] else 'off'} (both sides), "
-                  f"images up to {bench['max_pixels']} pixels; MFU on non-padding tokens against "
-                  f"{short((bench.get('peak_flops') or 0) / 1e12 or None)} TFLOP/s. Collating before the clock: "
-                  f"{bench.get('collate_s')} s. Random checkpoint: {bench.get('checkpoint') or 'the zoo model'}.",
-                  "",
-                  "| mode | pipeline | padding | non-padding tokens/s | samples/s | step (s) | peak GPU mem (GiB) "
-                  "| MFU |", "|---|---|---|---|---|---|---|---|"]
-        for x in bench["runs"]:
-            mfu = f"{x['mfu']:.1%}" if x.get("mfu") is not None else "-"
-            lines.append(f"| {x['mode']} | {x['pipeline']} | {x['padding']:.2f} | {x['tokens_per_s']:.0f} | "
-                         f"{x['samples_per_s']:.2f} | {x['step_s']:.3f} | {short(x.get('peak_mem_gib'))} | {mfu} |")
-        for mode, ratio in bench.get("ratios", {}).items():
-            lines.append(f"| {mode} | finetune / cookbook | | {ratio['tokens_per_s']}x | | | "
-                         f"{short(ratio.get('peak_mem'))}x | |")
-        lines.append("")
+    lines += render_bench(r.get("bench"))
     mem = r.get("recipe")
     if mem and "max_length" in mem:
         lines += [f"## Peak memory of {mem['recipe']}", "",
@@ -350,6 +336,54 @@ def render_markdown(r: dict) -> str:
                   f"{short(mem.get('peak_reserved_gib'))} | {short(mem.get('peak_device_gb'))} | "
                   f"~{short(mem.get('claim_gb'))} GB |", ""]
     return "\n".join(lines) + "\n"
+
+
+def render_bench(bench: dict | None) -> list[str]:
+    """The benchmark's sections: headline, probes, lever sweep, profile (scripts/bench_compare.py)."""
+    if not bench or not bench.get("runs"):
+        return []
+    rows = bench.get("row_tokens", {})
+    lines = [f"## Cookbook vs finetune, {bench['model']} shape ({bench['preset']} preset), ChartQA rows", "",
+             f"{bench['samples']} rows of {rows.get('min')}-{rows.get('max')} tokens (mean {rows.get('mean')}), one "
+             f"epoch per side after one warm-up step; cookbook: TRL's collator, micro-batch {bench['batch']} padded "
+             f"to its longest row; finetune: packs of {bench['pack_length']} tokens, one per step; gradient "
+             f"checkpointing on both sides; images up to {bench['max_pixels']} pixels. MFU by "
+             f"{bench.get('mfu_formula')} against {bench.get('matmul_tflops') or '-'} TFLOP/s (bf16 matmul measured "
+             f"in this run). Collating before the clock: {bench.get('collate_s')} s. Random checkpoint: "
+             f"{bench.get('checkpoint') or 'the zoo model'}.", "",
+             "| mode | pipeline | steps | padding | non-padding tokens/s | samples/s | peak GPU mem (GiB) | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for x in bench["runs"]:
+        lines.append(f"| {x['mode']} | {x['pipeline']} | {x['steps']} | {x['padding']:.2f} | {x['tokens_per_s']:.0f} "
+                     f"| {x['samples_per_s']:.2f} | {short(x.get('peak_mem_gib'))} | {percent(x.get('mfu'))} |")
+    for mode, ratio in bench.get("ratios", {}).items():
+        lines.append(f"| {mode} | {ratio.get('best', 'finetune')} / cookbook | | | {ratio['tokens_per_s']}x | | "
+                     f"{short(ratio.get('peak_mem'))}x | |")
+    lines += ["", "Probes (a lever is timed only after it computes what it replaces): " + "; ".join(
+        f"{name} {p.get('status') or ('passed' if p.get('ok') else 'failed')}" for name, p in
+        bench.get("probes", {}).items()), ""]
+    for mode, entries in bench.get("sweep", {}).items():
+        base = next((e for e in entries if e.get("lever") == "finetune (best)" and "tokens_per_s" in e), None)
+        lines += [f"### Levers, {mode} ({entries[0].get('steps', '-') if entries else '-'} steps each)", "",
+                  "| setting | non-padding tokens/s | vs best | peak GPU mem (GiB) | MFU |", "|---|---|---|---|---|"]
+        for e in entries:
+            if "error" in e or "skipped" in e:
+                lines.append(f"| {e['lever']} | {e.get('skipped') or 'failed: ' + e['error'][:120]} | | | |")
+                continue
+            vs = f"{e['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+            lines.append(f"| {e['lever']} | {e['tokens_per_s']:.0f} | {vs} | {short(e.get('peak_mem_gib'))} | "
+                         f"{percent(e.get('mfu'))} |")
+        lines.append("")
+    for mode, ops in (bench.get("profile") or {}).items():
+        lines += [f"### Profile, finetune {mode} (3 steps, top operations by self time on the device)", "",
+                  "| operation | calls | ms | share |", "|---|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['calls']} | {o['ms']} | {o['share']:.1%} |" for o in ops]
+        lines.append("")
+    return lines
+
+
+def percent(value) -> str:
+    return f"{value:.1%}" if value is not None else "-"
 
 
 def short(value) -> str:
@@ -368,6 +402,7 @@ def short(value) -> str:
 def probe(path: Path) -> int:
     """Versions and the device; on a GPU also a bitsandbytes NF4 round trip and the bf16 matmul rate."""
     import importlib
+    import importlib.metadata
 
     import torch
 
@@ -402,6 +437,18 @@ def probe(path: Path) -> int:
         info["bnb_nf4"] = f"relative error {float(error):.3f} on {packed.device.type}"
     except Exception as e:  # noqa: BLE001
         info["bnb_nf4"] = f"failed: {type(e).__name__}: {e}"
+    try:  # the packed-attention kernel finetune uses on CUDA, and its signature (it changed between releases)
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+        info["varlen_attn"] = str(inspect.signature(varlen_attn))
+    except Exception as e:  # noqa: BLE001
+        info["varlen_attn"] = f"unavailable: {type(e).__name__}: {e}"
+    try:
+        import liger_kernel.transformers  # noqa: F401 - needs Triton
+        info["liger_kernel"] = importlib.metadata.version("liger-kernel")
+    except Exception as e:  # noqa: BLE001
+        info["liger_kernel"] = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
     if cuda:  # the MFU denominator, measured here rather than taken from a datasheet
         n = 8192
         a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))

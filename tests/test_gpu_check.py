@@ -28,8 +28,8 @@ def test_dry_run_passes_every_step_and_reports_its_figures(tmp_path):
     assert r["env"]["cuda"] is False and r["env"]["bnb_nf4"].startswith("relative error")
 
     tests = r["tests"]
-    flash = "test_packed_rows_train_as_unpacked_on_the_gpu[flash_attention_2]"
-    assert len(tests) == 8 and tests.pop(flash)["outcome"] == "skipped", tests  # flash-attention needs CUDA
+    needs_cuda = [f"test_packed_rows_train_as_unpacked_on_the_gpu[{a}]" for a in ("flash_attention_2", "sdpa_varlen")]
+    assert len(tests) == 9 and [tests.pop(t)["outcome"] for t in needs_cuda] == ["skipped"] * 2, tests
     assert {t["outcome"] for t in tests.values()} == {"passed"}, tests
     for family in ("qwen2_5_vl", "gemma3", "mllama"):
         figures = tests[f"test_qlora_nf4_quantizes_the_decoder_only[{family}]"]["figures"]
@@ -38,15 +38,31 @@ def test_dry_run_passes_every_step_and_reports_its_figures(tmp_path):
     assert len(losses) == 20 and losses[-1] < losses[0] / 2
     parity = tests["test_bf16_merge_reproduces_the_adapter"]["figures"]
     assert 0 < parity["max_abs_diff"] < parity["tolerance"] and parity["kl_mean"] < 1e-3
+    packed = tests["test_packed_rows_train_as_unpacked_on_the_gpu[sdpa]"]["figures"]
+    assert packed["packed_attention_calls"]["per_sample"] > 0 == packed["packed_attention_calls"]["varlen"]
 
-    runs = {(x["mode"], x["pipeline"]): x for x in r["bench"]["runs"]}
+    bench = r["bench"]
+    runs = {(x["mode"], x["pipeline"]): x for x in bench["runs"]}
     assert set(runs) == {(m, p) for m in ("qlora", "lora") for p in ("cookbook", "finetune")}
     for mode in ("qlora", "lora"):
         cookbook, ours = runs[mode, "cookbook"], runs[mode, "finetune"]
-        # Same rows on both sides, so the same real tokens; length grouping removes most of the padding.
-        assert cookbook["samples"] == ours["samples"] == 16 and cookbook["tokens"] == ours["tokens"] > 0
-        assert ours["padding"] < cookbook["padding"] / 2, (ours["padding"], cookbook["padding"])
-        assert r["bench"]["ratios"][mode]["tokens_per_s"] > 0
+        # The same rows on both sides, so the same real tokens; packing leaves no padding at all.
+        assert cookbook["samples"] == ours["samples"] == 24 and cookbook["tokens"] == ours["tokens"] > 0
+        assert ours["padding"] == 0 < cookbook["padding"] and cookbook["steps"] == 6 and ours["steps"] < 24
+        assert ours["attention_calls"]["varlen"] == 0 < ours["attention_calls"]["per_sample"]  # the CPU fallback
+        assert not ours["vision_varlen"] and ours["mfu"] is None  # no kernel, no measured matmul rate on a CPU
+        assert bench["ratios"][mode]["tokens_per_s"] > 0 and bench["ratios"][mode]["best"] == "finetune"
+    levers = {mode: [e["lever"] for e in entries] for mode, entries in bench["sweep"].items()}
+    assert levers == {  # the varlen levers and Liger need CUDA: measured on the GPU, left out here
+        "qlora": ["finetune (best)", "fp32 upcast of the non-4-bit weights (finetune before)", "packs of 256 tokens",
+                  "packs of 1024 tokens"],
+        "lora": ["finetune (best)", "packing off (length-grouped batches of 4)", "frozen tower with autograd",
+                 "gradient checkpointing off"]}
+    assert all("error" not in e and e["steps"] == 2 for entries in bench["sweep"].values() for e in entries)
+    assert bench["probes"]["varlen_kernel"] == {"status": "not available here", "ok": False}
+    assert bench["probes"]["liger_lora"]["status"].startswith("liger-kernel not installed")
+    assert 3 <= len(bench["profile"]["lora"]) <= 15 and all(o["ms"] >= 0 for o in bench["profile"]["lora"])
+    assert 100 < bench["row_tokens"]["min"] <= bench["row_tokens"]["max"] < 200  # 112x112 charts at most
 
     memory = r["recipe"]
     assert memory["steps"] == 3 and memory["load_in_4bit"] and memory["gradient_checkpointing"]
@@ -55,6 +71,7 @@ def test_dry_run_passes_every_step_and_reports_its_figures(tmp_path):
 
     report = (out / "gpu-results.md").read_text()
     assert "DRY RUN" in report and "| qlora | finetune |" in report and "## Peak memory of" in report
+    assert "### Levers, lora" in report and "### Profile, finetune lora" in report
 
 
 def test_wheels_unpack_like_pip_where_pip_is_missing(tmp_path):
