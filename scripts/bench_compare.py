@@ -229,9 +229,15 @@ def loss_of(side: Side, model, batch: dict, device) -> float:
     if side.packed:
         batch, attention = packed_inputs(model.get_base_model(), batch, side.family, side.pad_id, side.kernel,
                                          side.used)
-    with torch.no_grad(), attention, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = model(**batch, use_cache=False, fused_lm_head=True)
-        return float(-out.log_probs.sum() / out.label_mask.sum().clamp(min=1))
+    training = model.training
+    model.eval()  # no dropout: the two losses a probe compares differ by the lever alone
+    try:
+        with torch.no_grad(), attention, torch.autocast(device.type, dtype=torch.bfloat16,
+                                                        enabled=device.type == "cuda"):
+            out = model(**batch, use_cache=False, fused_lm_head=True)
+            return float(-out.log_probs.sum() / out.label_mask.sum().clamp(min=1))
+    finally:
+        model.train(training)
 
 
 def profile(side: Side, model, batches: list[dict], optimizer, device, top: int = 15) -> list[dict]:
