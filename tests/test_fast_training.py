@@ -282,6 +282,12 @@ def test_padding_images_are_not_counted_as_patches():
     assert flops.image_patches({"pixel_values": pixels}, Config()) == [6] * 4
 
 
+def test_mfu_is_model_flops_per_second_over_the_measured_rate_of_every_device():
+    facts = flops.mfu_facts(flops=3.2e15, seconds=4.0, rate=8e14, processes=2)
+    assert facts["model_flops_per_second"] == 8e14 and facts["mfu"] == 0.5
+    assert "800 TFLOP/s per device" in facts["mfu_denominator"]
+
+
 def test_no_mfu_off_cuda(tmp_path):
     """MFU's denominator is measured on CUDA only; a CPU run's summary has throughput but no MFU."""
     assert flops.matmul_rate(torch.device("cpu")) is None

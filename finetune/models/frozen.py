@@ -1,16 +1,17 @@
 """The frozen vision side without autograd: where LoRA leaves the vision tower out (`lora.targets` without `vision`,
-the default, and every QLoRA run), nothing upstream of the adapters needs a gradient, yet with gradient
-checkpointing on, transformers' `enable_input_require_grads` makes the tower's patch embeddings require grad, so
-autograd records the whole tower and checkpointing runs it a second time in the backward pass (the tower of
-Qwen2.5-VL-7B is 0.67B parameters over every image patch). Here each frozen part runs under `torch.no_grad()`: the
-same outputs (the forward is the same code), no graph, no recomputation.
+the default, in LoRA and QLoRA), nothing upstream of the adapters needs a gradient, yet with gradient checkpointing
+on, transformers' `enable_input_require_grads` makes the tower's patch embeddings require grad, so autograd records
+the whole tower and checkpointing runs it a second time in the backward pass (the tower of Qwen2.5-VL-7B is 0.67B
+parameters over every image patch). Here each frozen part runs with grad mode off: the same outputs (the forward is
+the same code), no graph, no recomputation.
 
-A part is frozen when no parameter under it is trainable, and a call of it runs without autograd when, besides,
-no input's graph leads back to a trainable parameter: then no trainable weight can receive a gradient through it. The second condition is checked per call, because module order is not execution order:
-with LoRA on Qwen's merger (inside `model.visual`), the tower's blocks and the merger's first norm run without
-autograd, while the merger's GELU and frozen base layers, downstream of its first adapter, keep it.
-The patch embeddings that `enable_input_require_grads` makes require grad are a leaf that is no parameter: a graph
-from them (the tower's reshapes before its blocks) leads to nothing trainable.
+A part is frozen when no parameter under it is trainable, and a call of it runs without autograd when, besides, no
+input's graph leads back to a trainable parameter: then no trainable weight can receive a gradient through it. The
+second condition is checked per call, because module order is not execution order: with LoRA on Qwen's merger
+(inside `model.visual`), the tower's blocks and the merger's first norm run without autograd, while the merger's
+GELU, downstream of its first adapter, keeps it. The patch embeddings that `enable_input_require_grads` makes
+require grad are a leaf that is no parameter: a graph from them (the tower's reshapes before its blocks) leads to
+nothing trainable.
 """
 
 from __future__ import annotations

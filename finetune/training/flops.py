@@ -158,3 +158,13 @@ def matmul_rate(device: torch.device, n: int = 8192, repeats: int = 10) -> float
     rate = repeats * 2 * n ** 3 / (time.perf_counter() - start)
     del a, b
     return rate
+
+
+def mfu_facts(flops: float, seconds: float, rate: float, processes: int = 1) -> dict:
+    """What a run reports: model FLOP/s and MFU over all processes (`flops` summed over them, `rate` one device's
+    measured bf16 matmul rate), and how the denominator was obtained."""
+    per_second = flops / seconds
+    return {"model_flops_per_second": round(per_second), "mfu": round(per_second / (rate * processes), 4),
+            "mfu_denominator": f"bf16 8192^3 matmul measured at the start of this run: {rate / 1e12:.0f} TFLOP/s per "
+                               "device",
+            "mfu_formula": "finetune.training.flops (model FLOPs over real tokens, recomputation not counted)"}

@@ -22,7 +22,7 @@ from ..batching.streaming import StreamingRows
 from ..console import rounded
 from . import checkpoints
 from .attention import packed_inputs
-from .flops import batch_flops, matmul_rate, model_shape
+from .flops import batch_flops, matmul_rate, mfu_facts, model_shape
 from .guards import HealthMonitor, SaveOnInterrupt, refuse_nonfinite_weights
 from .sharding import enable_fsdp_on_cpu, full_trainable_state, refuse_fallback, requested_strategy, strategy_of
 
@@ -300,12 +300,7 @@ class Guarded:
         # rate depends on threads, precision and whatever else the machine runs, so the figure would mean nothing.
         if self.args.device.type == "cuda" and self.matmul_rate:
             flops = float(self.accelerator.reduce(torch.tensor(self.model_flops, device=self.args.device), "sum"))
-            peak = self.matmul_rate * self.accelerator.num_processes
-            facts.update(model_flops_per_second=round(flops / seconds), mfu=round(flops / seconds / peak, 4),
-                         mfu_denominator="bf16 8192^3 matmul measured at the start of this run: "
-                                         f"{self.matmul_rate / 1e12:.0f} TFLOP/s per device",
-                         mfu_formula="finetune.training.flops (model FLOPs over real tokens, recomputation "
-                                     "not counted)")
+            facts.update(mfu_facts(flops, seconds, self.matmul_rate, self.accelerator.num_processes))
         return facts
 
     def get_train_dataloader(self):
