@@ -11,6 +11,7 @@ from finetune.batching.collate import ChatCollator
 from finetune.recipe import RecipeError
 from finetune.training import attention, flops, kernels
 from finetune.training.pipeline import prepare
+from finetune.training.preflight import check
 from test_packing import randomised_adapters, three_samples
 from test_training import tiny_recipe
 
@@ -305,6 +306,8 @@ def test_liger_is_refused_with_the_key_when_it_is_not_installed(tmp_path):
         pytest.skip("liger-kernel is installed here")
     with pytest.raises(RecipeError, match=r"use_liger_kernel: liger-kernel is not installed.*finetune\[liger\]"):
         prepare(tiny_recipe("qwen2_5_vl", tmp_path, "training.use_liger_kernel=true"))
+    with pytest.raises(RecipeError, match="use_liger_kernel: liger-kernel is not installed"):  # finetune check too
+        check(tiny_recipe("qwen2_5_vl", tmp_path, "training.use_liger_kernel=true"))
 
 
 def test_liger_is_refused_for_a_family_it_has_no_kernels_for(tmp_path, monkeypatch):

@@ -107,7 +107,6 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
     check_launch(recipe, from_environment())  # the launcher's settings agree with the recipe's, before any work
     # Processor first: it is cheap, and the data scan needs it before any weights are read.
     model_path, family, processor, collator = load_processing(recipe)
-    refuse_missing_kernels(recipe, family)
     packing = recipe.training.method == "sft" and recipe.training.packing
     if packing:
         if reason := refusal(family, recipe.model.attn_implementation):
@@ -184,6 +183,7 @@ def load_processing(recipe: Recipe) -> tuple[str, Family, object, ChatCollator]:
     model_path, family = load_family(recipe.model)
     if recipe.training.method == "grpo" and family.no_grpo:
         raise RecipeError(f"training.method: grpo is not supported for {family.name}: {family.no_grpo}")
+    refuse_missing_kernels(recipe, family)  # here, so `finetune check` says it too, before any weights load
     processor = load_processor(model_path, recipe.model, recipe.data.image_processor, family)
     return model_path, family, processor, METHODS[recipe.training.method].collator(processor, family)
 
