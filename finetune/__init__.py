@@ -66,6 +66,13 @@ def merge(run_dir, out=None, dtype=None, onto: str = "original", parity: bool = 
     return _merge(run_dir, out=out, dtype=dtype, onto=onto, parity=parity, tolerance=tolerance, **kwargs)
 
 
+def export_gguf(target, outtypes=("f16",), out=None, **kwargs) -> Path:
+    """Convert a run (merged first) or merged export to GGUF for llama.cpp and check it; returns the folder."""
+    from .export.gguf import export_gguf as _export_gguf
+
+    return _export_gguf(target, outtypes=outtypes, out=out, **kwargs)
+
+
 def push(target, repo_id=None, private=None, revision=None, merged=None, token=None, **kwargs) -> str:
     """Upload a run's adapter (or merged export) with processor files and a model card; returns the commit URL."""
     from .export.hub import push as _push

@@ -14,6 +14,7 @@ examples:
   accelerate launch -m finetune train recipes/qwen2_5-vl-7b-qlora.yaml
   finetune check recipes/tiny-chartqa.yaml --show-labels 2
   finetune merge runs/tiny-chartqa --dtype float32
+  finetune export-gguf runs/tiny-chartqa --outtype f16 --outtype q4_k_m
   finetune push runs/tiny-chartqa --repo alice/tiny-chartqa --private
 """
 
@@ -103,6 +104,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device for the parity forward passes (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty export folder")
 
+    p = sub.add_parser("export-gguf", help="convert a run or merged export to GGUF for llama.cpp, and check it",
+                       description="Merge (if needed) and convert to GGUF with llama.cpp's own converter: the "
+                                   "language model per --outtype and the vision encoder + projector (mmproj). Then "
+                                   "check it: llama.cpp's tokenizer against transformers' on a few thousand "
+                                   "strings, and llama.cpp's greedy answers against the merged model's on held-out "
+                                   "rows at the trained image resolution. Writes the files, gguf.json and a README "
+                                   "with the llama.cpp command to TARGET/gguf; exits 1 when a check fails. Needs "
+                                   "`pip install 'finetune[gguf]'` and, once, `finetune export-gguf --setup`.",
+                       epilog="examples:\n  finetune export-gguf --setup\n"
+                              "  finetune export-gguf runs/tiny-chartqa --outtype f16 --outtype q4_k_m",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", nargs="?", help="training run folder or merged export folder")
+    p.add_argument("--outtype", action="append", metavar="TYPE",
+                   help="f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k or q4_0; repeat for several (default f16)")
+    p.add_argument("--out", help="folder for the GGUF files (default: TARGET/gguf)")
+    p.add_argument("--mmproj-outtype", default="f16", help="the vision file's type: f32, f16, bf16 or q8_0")
+    p.add_argument("--samples", type=int, default=20, help="held-out rows the answer check uses (default 20)")
+    p.add_argument("--min-agreement", type=float,
+                   help="share of answers that must agree (default 0.9 for 8 bits and up, 0.7 below)")
+    p.add_argument("--image-tokens", metavar="MIN:MAX",
+                   help="llama.cpp's image-token limits, instead of those of the trained resolution")
+    p.add_argument("--no-parity", action="store_true", help="convert only; skip the tokenizer and answer checks")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output folder")
+    p.add_argument("--setup", action="store_true",
+                   help="install llama.cpp's converter of the pinned version (once, after installing the extra)")
+    p.add_argument("--sdist", metavar="FILE", help="--setup from this llama-cpp-python source archive (offline)")
+
     p = sub.add_parser("push", help="upload an adapter or merged model to the Hugging Face Hub",
                        description="Upload the adapter (or with --merged the merged export, made first if "
                                    "missing) with the processor files and a model card, in one commit. The token "
@@ -119,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="branch to commit to, created if missing (default: main)")
     p.add_argument("--merged", action="store_const", const=True, default=None,
                    help="push RUN/merged instead of the adapter (runs `finetune merge` first if needed)")
+    p.add_argument("--gguf", action="store_true",
+                   help="push RUN/gguf (the files of `finetune export-gguf`) with a card on running them")
     p.add_argument("--message", help="commit message")
     return parser
 
@@ -182,9 +212,22 @@ def main(argv: list[str] | None = None) -> int:
                            onto="dequantized" if args.onto_dequantized else "original", parity=not args.no_parity,
                            tolerance=args.tolerance, samples=args.samples, overwrite=args.overwrite,
                            device=args.device)
+        elif args.command == "export-gguf":
+            if args.setup:
+                from .export.llama_cpp import install_converter
+
+                print(install_converter(args.sdist))
+            elif not args.target:
+                parser.error("export-gguf needs a run or merged export folder (or --setup)")
+            else:
+                print(finetune.export_gguf(args.target, outtypes=args.outtype or ["f16"], out=args.out,
+                                           mmproj_outtype=args.mmproj_outtype, samples=args.samples,
+                                           min_agreement=args.min_agreement,
+                                           image_tokens=_token_range(parser, args.image_tokens),
+                                           parity=not args.no_parity, overwrite=args.overwrite))
         elif args.command == "push":
             print(finetune.push(args.target, args.repo, private=args.private, revision=args.revision,
-                                merged=args.merged, commit_message=args.message))
+                                merged=args.merged, gguf=args.gguf, commit_message=args.message))
     except TrainingInterrupted as e:
         print(f"finetune: {e}", file=sys.stderr)
         return 130
@@ -196,3 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _token_range(parser, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    low, _, high = value.partition(":")
+    if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high)):
+        parser.error(f"--image-tokens: expected MIN:MAX with 0 < MIN <= MAX, got {value!r}")
+    return int(low), int(high)

@@ -2,6 +2,7 @@
 
     finetune push runs/tiny-chartqa --repo alice/tiny-chartqa --private --revision experiment
     finetune push runs/tiny-chartqa --repo alice/tiny-chartqa-merged --merged   # merges first if needed
+    finetune push runs/tiny-chartqa --repo alice/tiny-chartqa-gguf --gguf       # after `finetune export-gguf`
 
 The token is huggingface_hub's own: `HF_TOKEN` or the `hf auth login` token file (or `token=` from Python). finetune
 never prints, logs or writes it. Transient failures (HTTP 408/429/5xx, dropped connections) are retried with
@@ -36,8 +37,9 @@ class HubError(ExportError):
 
 def push(target: str | Path, repo_id: str | None = None, private: bool | None = None, revision: str | None = None,
          merged: bool | None = None, token: str | None = None, endpoint: str | None = None,
-         commit_message: str | None = None, attempts: int = 5, retry_delay: float = 1.0) -> str:
-    """Upload a run's adapter (or its merged export) with processor files and a model card; returns the commit URL.
+         commit_message: str | None = None, attempts: int = 5, retry_delay: float = 1.0, gguf: bool = False) -> str:
+    """Upload a run's adapter (or its merged export, or with `gguf` its checked GGUF files) with processor files and
+    a model card; returns the commit URL.
 
     Unset arguments fall back to the recipe's `export` section (hub_repo_id, hub_private, hub_revision, hub_merged).
     """
@@ -57,18 +59,24 @@ def push(target: str | Path, repo_id: str | None = None, private: bool | None = 
     revision = revision or cfg.hub_revision
     if not (token or get_token()):
         raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
-    folder, kind = _folder(target, merged)  # after the cheap checks: this may run a merge
+    folder, kind = _gguf_folder(target) if gguf else _folder(target, merged)  # this may run a merge
 
+    suffixes = (".gguf", ".json", ".jinja") if kind == "gguf" else UPLOAD_SUFFIXES
     contents: dict[str, str | bytes] = {p.name: str(p) for p in sorted(folder.iterdir())
-                                        if p.is_file() and p.suffix in UPLOAD_SUFFIXES}
+                                        if p.is_file() and p.suffix in suffixes}
     for name, value in list(contents.items()):
-        contents[name] = _without_local_paths(Path(value))
-    contents["README.md"] = render_card(folder, kind, repo_id).encode()
+        if not name.endswith(".gguf"):
+            contents[name] = _without_local_paths(Path(value))
+    if kind == "gguf":
+        contents["README.md"] = _gguf_card(folder, recipe).encode()
+    else:
+        contents["README.md"] = render_card(folder, kind, repo_id).encode()
     if kind == "adapter":
         contents["adapter_config.json"] = _portable_adapter_config(folder, recipe.model.name_or_path)
         for w in adapter_serving_warnings(folder):
             print(f"[finetune] warning: {w}")
-    message = commit_message or f"Upload {'merged model' if kind == 'merged' else 'LoRA adapter'} (finetune)"
+    what = {"merged": "merged model", "adapter": "LoRA adapter", "gguf": "GGUF files"}[kind]
+    message = commit_message or f"Upload {what} (finetune)"
     # One set of operations for every attempt: files already uploaded (LFS/xet) are not sent again on a retry.
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=value) for name, value in contents.items()]
 
@@ -158,6 +166,29 @@ def _folder(target: Path, merged: bool) -> tuple[Path, str]:
     if not report.get("checked"):
         print(f"[finetune] warning: {target} was exported without a parity check")
     return target, "merged"
+
+
+def _gguf_folder(target: Path) -> tuple[Path, str]:
+    """The checked output of `finetune export-gguf`: TARGET/gguf, or TARGET itself."""
+    folder = target if (target / "gguf.json").is_file() else target / "gguf"
+    report_file = folder / "gguf.json"
+    if not report_file.is_file():
+        raise HubError(f"{target}: no GGUF export; run `finetune export-gguf {target}` first")
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    if not report.get("checked"):
+        print(f"[finetune] warning: {folder} was exported without its parity checks")
+    elif not report.get("passed"):
+        raise HubError(f"{folder}: its GGUF checks failed (see {report_file}); refusing to push it")
+    return folder, "gguf"
+
+
+def _gguf_card(folder: Path, recipe) -> str:
+    """The export's own README (how to run it, its checks) with the Hub's metadata header."""
+    base = hub_id(recipe.model.name_or_path)
+    header = ["---", "library_name: gguf", "tags: [gguf, llama.cpp, image-text-to-text, finetune]"]
+    header += [f"base_model: {base}"] if base else []
+    body = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").is_file() else ""
+    return "\n".join(header + ["---", ""]) + redact_local_paths(body)
 
 
 #: An absolute or home-relative filesystem path inside a string (not a URL, not a fraction like 3/4).

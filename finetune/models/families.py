@@ -62,6 +62,17 @@ class Family:
     no_packing: str = ""
     #: Why TRL's GRPOTrainer cannot train this family ("" = it can; finetune.training.grpo).
     no_grpo: str = ""
+    #: Why llama.cpp (the pinned converter and its mtmd runtime) cannot run this family ("" = it can;
+    #: finetune.export.gguf).
+    no_gguf: str = ""
+    #: The trained resolution llama.cpp must be told: "pixels" = image-token limits from the processor's pixel
+    #: bounds (one token per (patch x merge)^2 pixels), as llama.cpp otherwise allows up to 4,096 tokens an image;
+    #: "" = the family has a fixed token count per image.
+    gguf_image_tokens: str = ""
+    #: What the converter reads that a transformers 5 save lacks: the text model's architecture (absent from
+    #: `text_config`), and tensor-name prefixes it knows under their transformers 4 names (old, new).
+    gguf_text_architecture: str = ""
+    gguf_renames: tuple[tuple[str, str], ...] = ()
     notes: str = ""
 
     def quantization_skip(self) -> list[str]:
@@ -97,11 +108,14 @@ FAMILIES: dict[str, Family] = {
         name="LLaVA 1.5",
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
         image_tokens=_LLAVA_IMAGE, end_of_turn="</s>",
+        no_gguf="the pinned llama.cpp converter writes no mmproj for its CLIP vision tower (only llama.cpp's legacy "
+                "llava scripts do)",
     ),
     "llava_next": Family(
         name="LLaVA-NeXT (1.6)",
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
         image_tokens=_LLAVA_IMAGE, end_of_turn="</s>",
+        no_gguf="the pinned llama.cpp converter does not know LlavaNextForConditionalGeneration",
         notes="`model.image_newline` is a raw parameter of the projector side; it stays frozen.",
     ),
     "idefics3": Family(
@@ -109,31 +123,33 @@ FAMILIES: dict[str, Family] = {
         decoder=r"model\.text_model", projector=r"model\.connector", vision=r"model\.vision_model",
         image_tokens=_IDEFICS_IMAGE, end_of_turn="<end_of_utterance>", image_expansion="tiles",
         packed_row_inputs=("pixel_values", "pixel_attention_mask"),
+        no_gguf="llama.cpp's mtmd wraps each image in <global-img> looked up as one token, and Idefics3's tokenizer "
+                "has it only as plain text (the image prompt would hold invalid tokens)",
         notes="Image splitting expands one image into row/column tiles plus a global image.",
     ),
     "smolvlm": Family(
         name="SmolVLM",
         decoder=r"model\.text_model", projector=r"model\.connector", vision=r"model\.vision_model",
         image_tokens=_IDEFICS_IMAGE, end_of_turn="<end_of_utterance>", image_expansion="tiles",
-        packed_row_inputs=("pixel_values", "pixel_attention_mask"),
+        packed_row_inputs=("pixel_values", "pixel_attention_mask"), gguf_text_architecture="LlamaForCausalLM",
         notes="Idefics3 architecture; processor needs the `num2words` package.",
     ),
     "qwen2_vl": Family(
         name="Qwen2-VL",
         decoder=r"model\.language_model", projector=r"model\.visual\.merger", vision=r"model\.visual",
-        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True,
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True, gguf_image_tokens="pixels",
         notes="Dynamic resolution: image token count follows image size (min/max pixels).",
     ),
     "qwen2_5_vl": Family(
         name="Qwen2.5-VL",
         decoder=r"model\.language_model", projector=r"model\.visual\.merger", vision=r"model\.visual",
-        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True,
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True, gguf_image_tokens="pixels",
     ),
     "qwen3_vl": Family(
         name="Qwen3-VL",
         decoder=r"model\.language_model", projector=r"model\.visual\.(?:merger|deepstack_merger_list)",
         vision=r"model\.visual",
-        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True,
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True, gguf_image_tokens="pixels",
         notes="DeepStack mergers feed intermediate vision features into early decoder layers; they are projectors.",
     ),
     "paligemma": Family(
@@ -141,6 +157,7 @@ FAMILIES: dict[str, Family] = {
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
         image_tokens=r"<image>", end_of_turn="<eos>", prefix_lm=True, processor_adds_bos_and_newline=True,
         image_expansion="fixed", first_position=1, default_chat_template=PALIGEMMA_TEMPLATE,
+        no_gguf="the pinned llama.cpp converter does not know PaliGemmaForConditionalGeneration",
         notes="Not a chat model: the prefix (image + prompt) attends bidirectionally, answers causally. The hub "
               "checkpoints have no chat template; finetune's (PALIGEMMA_TEMPLATE) is used and saved with the run.",
     ),
@@ -149,7 +166,7 @@ FAMILIES: dict[str, Family] = {
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
         image_tokens=r"<start_of_image>|<end_of_image>|<image_soft_token>", end_of_turn="<end_of_turn>",
         projector_parameters=("model.multi_modal_projector.mm_input_projection_weight",), image_expansion="fixed",
-        bidirectional_images=True,
+        bidirectional_images=True, gguf_renames=(("vision_tower.", "vision_tower.vision_model."),),
         notes="`processor.image_token_id` is <start_of_image>, not the soft token; the projector is a raw parameter.",
     ),
     "mllama": Family(
@@ -159,6 +176,8 @@ FAMILIES: dict[str, Family] = {
         # The hub template writes "Today Date: <today>" into a system preamble; pinned to the template's own
         # fallback date so a run renders the same prompt in training, evaluation and inference on any day.
         template_kwargs=(("date_string", "26 Jul 2024"),),
+        no_gguf="llama.cpp has no cross-attention vision models (its converter does not know "
+                "MllamaForConditionalGeneration)",
         no_grpo="TRL's GRPOTrainer does not pass aspect_ratio_ids, aspect_ratio_mask or cross_attention_mask to "
                 "the model when it scores completions (the forward pass fails)",
         no_packing="text attends to images through cross-attention masks of a whole row, and transformers masks "

@@ -179,6 +179,10 @@ class QuantizationConfig:
             )
 
 
+#: What llama.cpp writes a GGUF language model as: converted directly, or quantized from that (finetune.export).
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0")
+
+
 @dataclass
 class ExportConfig:
     """What to write besides the adapter once training ends."""
@@ -199,6 +203,9 @@ class ExportConfig:
     hub_revision: str | None = None
     #: Push the merged export instead of the adapter (merges first if `merge` is off).
     hub_merged: bool = False
+    #: GGUF files for llama.cpp to write (and check) into `<output_dir>/gguf` once training ends, e.g.
+    #: [f16, q4_k_m]: see `finetune export-gguf` (needs `pip install 'finetune[gguf]'`). Empty = none.
+    gguf: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.push_to_hub and not self.hub_repo_id:
@@ -208,6 +215,8 @@ class ExportConfig:
                               f"got {self.hub_repo_id!r}")
         if self.hub_revision is not None and not self.hub_revision.strip():
             raise RecipeError("export.hub_revision: empty branch name; use null for main")
+        for outtype in self.gguf:
+            check_choice("export.gguf", outtype, GGUF_OUTTYPES, what="outtype")
 
 
 @dataclass

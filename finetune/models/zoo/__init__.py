@@ -37,6 +37,11 @@ from .common import HubFiles, token_ids
 #: versions of the libraries whose classes and templates end up in the checkpoint.
 ZOO_VERSION = "1"
 
+#: The llama.cpp pre-tokenizer of every zoo tokenizer (byte-level BPE with GPT-2's split rule), which llama.cpp's
+#: converter cannot recognise from its hash table of hub tokenizers. GGUF exports of zoo models name it explicitly;
+#: the export's tokenizer-parity check still compares the two tokenizers string by string.
+GGUF_PRE_TOKENIZER = "gpt-2"
+
 #: Every family of the model-family table has a zoo builder (BUILDERS below).
 FAMILIES: tuple[str, ...] = tuple(FAMILY_TABLE)
 
