@@ -158,13 +158,19 @@ def varlen_kernel():
     return functools.partial(call_varlen, fn)
 
 
+@functools.lru_cache(maxsize=8)
+def parameters(fn) -> frozenset[str]:
+    """A kernel's keyword names (read once: every layer of every step calls it)."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def call_varlen(fn, query, key, value, segments: list[int], scale: float | None, causal: bool = True):
     """`fn` (torch's `varlen_attn` or flash-attn's `flash_attn_varlen_func`) over the flattened batch: every segment a
     sequence of its own, causal or not. Signatures differ by version (torch 2.10 `is_causal`, later `window_size`;
     GQA by `enable_gqa` from torch 2.12, natively in flash-attn): read from `fn`, key/value heads repeated where
     needed."""
     batch, heads, length, dim = query.shape
-    params = inspect.signature(fn).parameters
+    params = parameters(fn)
     kwargs = {}
     if "softmax_scale" in params:  # flash-attn: grouped-query attention is native
         kwargs.update(softmax_scale=scale, causal=causal)
