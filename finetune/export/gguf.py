@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from ..recipe import load_recipe
 from .gguf_card import render_readme
 from .gguf_strings import tokenizer_strings
 from .llama_cpp import CONVERTED, OUTTYPES, QUANTIZED, Runtime, convert, converter, quantize, runtime
-from .merging import ExportError, ParityError, merge, parity_rows
+from .merging import ExportError, ParityError, claim_folder, merge, parity_rows
 
 #: Answer agreement an outtype must reach: 8 bits and more keep greedy answers; 4-6-bit quants may flip close calls.
 MIN_AGREEMENT = {**{t: 0.9 for t in CONVERTED}, **{t: 0.7 for t in QUANTIZED}}
@@ -60,7 +59,7 @@ def export_gguf(target: str | Path, outtypes=("f16",), out: str | Path | None = 
     if folder is None:
         folder = merge(target)
     out = Path(out) if out else target / "gguf"
-    _claim(out, folder, overwrite)
+    claim_folder(out, folder, overwrite)
 
     dtype = json.loads((folder / "config.json").read_text()).get("dtype") or "float32"
     source_type = SOURCE_TYPE.get(dtype, "f32")
@@ -227,12 +226,3 @@ def _zoo_pre_tokenizer(recipe) -> str | None:
 
     return GGUF_PRE_TOKENIZER
 
-
-def _claim(out: Path, source: Path, overwrite: bool) -> None:
-    if out.resolve() == source.resolve():
-        raise ExportError(f"--out: {out} is the merged export itself; choose another folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ExportError(f"--out: {out} already holds files; choose another folder or pass --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)

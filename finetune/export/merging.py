@@ -69,7 +69,7 @@ def merge(run_dir: str | Path, out: str | Path | None = None, dtype: str | None 
     # The run's copy: the template and image settings trained (a model.chat_template file is already in it).
     processor = load_processor(str(run_dir), dataclasses.replace(recipe.model, chat_template=None), family=family)
     rows = parity_rows(recipe, samples) if parity else []
-    _claim(out, run_dir, overwrite)  # only once the data for the check is known to be there
+    claim_folder(out, run_dir, overwrite)  # only once the data for the check is known to be there
     warnings = serving_warnings(run_dir, family)
     for w in warnings:
         print(f"[finetune] warning: {w}")
@@ -169,9 +169,10 @@ def dequantize(model):
     return model.to(torch.float32)
 
 
-def _claim(out: Path, run_dir: Path, overwrite: bool) -> None:
-    if out.resolve() == run_dir.resolve():
-        raise ExportError(f"--out: {out} is the run folder itself; choose another folder")
+def claim_folder(out: Path, source: Path, overwrite: bool) -> None:
+    """Make `out` an empty folder for an export of `source`, refusing to replace files unless `overwrite`."""
+    if out.resolve() == source.resolve():
+        raise ExportError(f"--out: {out} is the folder being exported; choose another folder")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ExportError(f"--out: {out} already holds files; choose another folder or pass --overwrite")
