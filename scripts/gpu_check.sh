@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU check of finetune (GPU tests, cookbook-vs-finetune benchmark at Qwen2.5-VL-7B shape, the
-# 7B QLoRA recipe's peak memory), bounded to ~7 minutes on one H100. Details: scripts/gpu_check.py.
+# One prepared GPU check of finetune (GPU tests, cookbook-vs-finetune benchmark at Qwen2.5-VL-7B shape on ChartQA-sized
+# rows with each speed lever on and off and a profile, the 7B QLoRA recipe's peak memory), bounded to 7 minutes on
+# one H100 or H200 including installation. Details: scripts/gpu_check.py, scripts/bench_compare.py.
 #
 #   OUT=/path/to/results bash scripts/gpu_check.sh    # on the GPU machine; OUT defaults to ./gpu-check-out
 #   bash scripts/gpu_check.sh --dry-run               # the same steps at tiny shapes on the CPU (CI runs this)
