@@ -9,6 +9,7 @@ import zipfile
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 import gpu_check  # noqa: E402
 
@@ -72,6 +73,40 @@ def test_dry_run_passes_every_step_and_reports_its_figures(tmp_path):
     report = (out / "gpu-results.md").read_text()
     assert "DRY RUN" in report and "| qlora | finetune |" in report and "## Peak memory of" in report
     assert "### Levers, lora" in report and "### Profile, finetune lora" in report
+
+
+def test_the_benchmarks_cuda_branches_run_through_a_stand_in_kernel(tmp_path, monkeypatch):
+    """What only a GPU runs (the varlen probes, the varlen levers on and off, the tower's varlen attention), through
+    the CPU stand-in of the kernel (tests/test_fast_training.py), at the dry run's tiny shapes."""
+    import functools
+
+    import torch
+
+    import bench_gpu
+    from finetune.training import attention
+    from test_fast_training import emulated
+
+    seen = []
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: functools.partial(attention.call_varlen,
+                                                                              emulated("2.14", seen)))
+    monkeypatch.setattr(attention, "VARLEN_DTYPES", (torch.float32, torch.bfloat16))
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--preset", "tiny", "--models", "qwen2_5_vl_7b", "--modes", "lora",
+                                      "--compare",
+                                      "--samples", "24", "--max-pixels", str(112 * 112), "--pack-length", "512",
+                                      "--sweep-steps", "2", "--json", str(out)])
+    assert bench_gpu.main() == 0
+    r = json.loads(out.read_text())["compare"]
+    assert {k: p["ok"] for k, p in r["probes"].items()} == {
+        "varlen_kernel": True, "varlen_decoder_lora_loss": True, "varlen_vision_lora_loss": True, "liger_lora": False}
+    assert r["probes"]["varlen_decoder_lora_loss"]["sdpa"] == r["probes"]["varlen_decoder_lora_loss"]["varlen"]
+    ours = next(x for x in r["runs"] if x["pipeline"] == "finetune")
+    assert ours["attention_calls"] == {"varlen": 9 * 2 * 2, "per_sample": 0}  # 9 steps x 2 layers x recomputation
+    assert ours["vision_varlen"] and len(seen) > 36
+    sweep = {e["lever"]: e for e in r["sweep"]["lora"]}
+    assert sweep["decoder varlen off (per-sample SDPA)"]["attention_calls"] == {"varlen": 0, "per_sample": 12}
+    assert not sweep["vision varlen off (SDPA per window)"]["vision_varlen"]
+    assert all("tokens_per_s" in e for e in sweep.values())
 
 
 def test_wheels_unpack_like_pip_where_pip_is_missing(tmp_path):
