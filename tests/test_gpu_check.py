@@ -91,8 +91,8 @@ def test_the_benchmarks_cuda_branches_run_through_a_stand_in_kernel(tmp_path, mo
                                                                               emulated("2.14", seen)))
     monkeypatch.setattr(attention, "VARLEN_DTYPES", (torch.float32, torch.bfloat16))
     out = tmp_path / "bench.json"
-    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--preset", "tiny", "--models", "qwen2_5_vl_7b", "--modes", "lora",
-                                      "--compare",
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--preset", "tiny", "--models", "qwen2_5_vl_7b",
+                                      "--modes", "lora", "--compare",
                                       "--samples", "24", "--max-pixels", str(112 * 112), "--pack-length", "512",
                                       "--sweep-steps", "2", "--json", str(out)])
     assert bench_gpu.main() == 0
