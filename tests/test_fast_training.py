@@ -199,6 +199,12 @@ def test_qwen_vision_windows_go_to_the_varlen_kernel_in_one_call_per_layer(tmp_p
     for a, b in zip(grads, sdpa_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert model.get_base_model().config.get_text_config()._attn_implementation == "sdpa"
+    # A call the kernel cannot take (here: float32) goes to SDPA window by window, never across windows.
+    monkeypatch.setattr(attention, "VARLEN_DTYPES", (torch.bfloat16,))
+    calls = len(seen)
+    fallback = run.trainer.compute_loss(model, dict(batch))
+    assert len(seen) == calls and vision._attn_implementation == attention.VISION_VARLEN
+    torch.testing.assert_close(fallback, sdpa_loss, rtol=1e-6, atol=1e-6)
     attention.use_vision_varlen(model, False)
     assert vision._attn_implementation == "sdpa"
 

@@ -207,18 +207,24 @@ VISION_VARLEN_MODELS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 def vision_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             cu_seq_lens_q=None, cu_seq_lens_k=None, is_causal=False, **kwargs):
-    """One varlen kernel call for all windows or images of the batch (bidirectional within each); SDPA for any call
-    the kernel cannot take (no lengths given, fp32, dropout), which is what the tower's SDPA path would compute."""
+    """One varlen kernel call for all windows or images of the batch (bidirectional within each); for any call the
+    kernel cannot take (fp32, dropout) SDPA once per window or image, as the tower's SDPA path computes it."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kernel = varlen_kernel()
-    if (kernel is None or cu_seq_lens_q is None or query.dtype not in VARLEN_DTYPES or dropout
-            or (cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k))):
-        for key_name in ("max_length_q", "max_length_k"):
-            kwargs.pop(key_name, None)
+    for key_name in ("max_length_q", "max_length_k"):
+        kwargs.pop(key_name, None)
+    if cu_seq_lens_q is None:  # called chunk by chunk (a transformers that does not see "flash" in the name)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       is_causal=is_causal, **kwargs)
-    return kernel(query, key, value, cu_seq_lens_q.diff().tolist(), scaling, causal=False), None
+    lengths = cu_seq_lens_q.diff().tolist()
+    if kernel is not None and query.dtype in VARLEN_DTYPES and not dropout:
+        return kernel(query, key, value, lengths, scaling, causal=False), None
+    # The tower's own SDPA path: one call per window or image, never across them.
+    pieces = [sdpa_attention_forward(module, q, k, v, None, scaling=scaling, dropout=dropout, is_causal=False,
+                                     **kwargs)[0]
+              for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)))]
+    return torch.cat(pieces, dim=1), None
 
 
 def use_vision_varlen(model, on: bool = True) -> bool:
