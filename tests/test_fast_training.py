@@ -7,7 +7,9 @@ import functools
 import pytest
 import torch
 
+from finetune import zoo
 from finetune.batching.collate import ChatCollator
+from finetune.models.families import FAMILIES
 from finetune.recipe import RecipeError
 from finetune.training import attention, flops, kernels
 from finetune.training.pipeline import prepare
@@ -164,6 +166,40 @@ def test_varlen_path_trains_packed_rows_as_the_per_sample_path(signature, tmp_pa
         (4, 4, False) if signature == "2.10" else (4, 2, True))
     torch.testing.assert_close(results["varlen"][0], results["per_sample"][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(results["varlen"][1], results["per_sample"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+CAUSAL_PACKABLE = [f for f in zoo.FAMILIES if not (FAMILIES[f].no_packing or FAMILIES[f].prefix_lm
+                                                    or FAMILIES[f].bidirectional_images)]
+
+
+@pytest.mark.parametrize("family", CAUSAL_PACKABLE)
+def test_varlen_packed_rows_train_as_unpacked_in_every_causal_family(family, tmp_path, monkeypatch):
+    """Through the trainer's own packing step, with the stand-in kernel: every decoder attention call of the packed
+    batch goes to the kernel, and the trainer's loss and LoRA gradients equal the unpacked batch's."""
+    seen = []
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: functools.partial(attention.call_varlen,
+                                                                              emulated("2.14", seen)))
+    monkeypatch.setattr(attention, "VARLEN_DTYPES", (torch.float32,))
+    run = prepare(tiny_recipe(family, tmp_path, "training.packing=true", "training.max_length=2048"))
+    trainer, model = run.trainer, run.trainer.model
+    randomised_adapters(model)
+    model.train()
+    samples = three_samples()
+    batch = trainer.data_collator([samples[:2], samples[2:]])
+    params = [p for p in model.parameters() if p.requires_grad]
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    unpacked = trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "pack_sizes"},
+                                    num_items_in_batch=supervised)
+    unpacked_grads = torch.autograd.grad(unpacked, params)
+    packed, context = trainer.pack(model, dict(batch))
+    with context:
+        loss = trainer.compute_loss(model, packed, num_items_in_batch=supervised)
+        grads = torch.autograd.grad(loss, params)
+    layers = model.get_base_model().config.get_text_config().num_hidden_layers
+    assert trainer.packed_attention == {"varlen": layers, "per_sample": 0}
+    torch.testing.assert_close(loss, unpacked, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, unpacked_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
