@@ -23,7 +23,7 @@ from finetune.training.pipeline import train
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the gguf extra is not installed (bash scripts/setup.sh gguf)")
 
-GGUF_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"]
+GGUF_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm"]
 
 
 def recipe(family, out, *extra):

@@ -76,6 +76,24 @@ def tokenizer(specials: list[str], *, bos: str | None = None, eos: str, pad: str
                                    extra_special_tokens=extra or {}, chat_template=template)
 
 
+def with_merge(tok, text: str):
+    """`tok` with `text` (two byte-level pieces) made one token by one more BPE merge, as real vocabularies have it
+    (SmolLM's "\n\n"): llama.cpp's mtmd looks the tokens it wraps images in up by their text."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    pieces = tok.convert_ids_to_tokens(tok.encode(text, add_special_tokens=False))
+    if len(pieces) != 2:
+        raise ValueError(f"{text!r} is {len(pieces)} tokens, not 2: one merge cannot make it one")
+    data = json.loads(tok.backend_tokenizer.to_str())
+    model = data["model"]
+    model["vocab"]["".join(pieces)] = max(model["vocab"].values()) + 1
+    model["merges"].append(pieces if model["merges"] and isinstance(model["merges"][0], list) else " ".join(pieces))
+    tok._tokenizer = Tokenizer.from_str(json.dumps(data))  # in place: special tokens and attributes stay as they are
+    return tok
+
+
 # --- chat templates ------------------------------------------------------------------------------------------------
 
 

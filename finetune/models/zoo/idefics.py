@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import HubFiles, text_config, tokenizer, trl_template, vision_config
+from .common import HubFiles, text_config, tokenizer, trl_template, vision_config, with_merge
 
 _ROW_COL = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 
@@ -44,13 +44,14 @@ def idefics3(p, hub: HubFiles | None = None):
 def smolvlm(p, hub: HubFiles | None = None):
     import transformers as T
 
-    tok = None if hub else tokenizer(
+    # "\n\n" one token, as in SmolLM's vocabulary: llama.cpp's mtmd opens each image with it, looked up by text.
+    tok = None if hub else with_merge(tokenizer(
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", "<fake_token_around_image>",
          "<image>", "<global-img>"] + _ROW_COL,
         bos="<|im_start|>", eos="<end_of_utterance>", pad="<|im_end|>", unk="<|endoftext|>",
         extra={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
                "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
-        template=trl_template("smolvlm"))
+        template=trl_template("smolvlm")), "\n\n")
     return _idefics3_like(p, tok, T.SmolVLMProcessor, T.SmolVLMImageProcessor, T.SmolVLMConfig,
                           T.SmolVLMForConditionalGeneration, hub,
                           **({} if hub else {"video_processor": T.SmolVLMVideoProcessor()}))
