@@ -159,27 +159,26 @@ def _folder(target: Path, merged: bool) -> tuple[Path, str]:
     if not (target / "config.json").is_file():
         raise HubError(f"{target}: neither a training run folder (adapter_config.json) nor a merged export "
                        "(config.json)")
-    parity = target / "parity.json"
-    report = json.loads(parity.read_text(encoding="utf-8")) if parity.is_file() else {}
-    if report.get("checked") and not report.get("passed"):
-        raise HubError(f"{target}: its parity check failed (see {parity}); refusing to push it")
-    if not report.get("checked"):
-        print(f"[finetune] warning: {target} was exported without a parity check")
+    _refuse_failed_checks(target, target / "parity.json", "its parity check")
     return target, "merged"
 
 
 def _gguf_folder(target: Path) -> tuple[Path, str]:
     """The checked output of `finetune export-gguf`: TARGET/gguf, or TARGET itself."""
     folder = target if (target / "gguf.json").is_file() else target / "gguf"
-    report_file = folder / "gguf.json"
-    if not report_file.is_file():
+    if not (folder / "gguf.json").is_file():
         raise HubError(f"{target}: no GGUF export; run `finetune export-gguf {target}` first")
-    report = json.loads(report_file.read_text(encoding="utf-8"))
-    if not report.get("checked"):
-        print(f"[finetune] warning: {folder} was exported without its parity checks")
-    elif not report.get("passed"):
-        raise HubError(f"{folder}: its GGUF checks failed (see {report_file}); refusing to push it")
+    _refuse_failed_checks(folder, folder / "gguf.json", "its GGUF checks")
     return folder, "gguf"
+
+
+def _refuse_failed_checks(folder: Path, report_file: Path, checks: str) -> None:
+    """Refuse an export whose own checks (recorded in `report_file`) failed; warn when it was made without them."""
+    report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
+    if not report.get("checked"):
+        print(f"[finetune] warning: {folder} was exported without {checks}")
+    elif not report.get("passed"):
+        raise HubError(f"{folder}: {checks} failed (see {report_file}); refusing to push it")
 
 
 def _gguf_card(folder: Path, recipe) -> str:
