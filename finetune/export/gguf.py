@@ -26,7 +26,7 @@ import torch
 
 from ..batching.template import render
 from ..evaluation.inference import load_target, prompt_batch, prompt_messages, stop_token_ids
-from ..models.families import family_for
+from ..models.families import family_for, image_token_id
 from ..models.loading import load_family
 from ..recipe import load_recipe
 from .gguf_card import render_readme
@@ -145,7 +145,7 @@ def check_tokenizer(model: Path, processor, family, recipe, rows: list[dict]) ->
 @torch.no_grad()
 def hf_answers(hf, rows: list[dict], max_new_tokens: int) -> list[dict]:
     """Greedy answers of the merged model, one row at a time (no padding): tokens, first log-prob, image tokens."""
-    image_token = getattr(hf.model.config, "image_token_id", None) or hf.model.config.image_token_index
+    image_token = image_token_id(hf.model.config)
     stops = stop_token_ids(hf.model, hf.processor, hf.family)
     answers = []
     for row in rows:

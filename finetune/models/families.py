@@ -207,6 +207,13 @@ def family_for(model_type: str) -> Family:
         ) from None
 
 
+def image_token_id(config) -> int | None:
+    """The token an image's embeddings take the place of in the text (`<image>`, `<|image_pad|>`, Gemma 3's soft
+    token): model configs name it `image_token_id` or, in older classes, `image_token_index`."""
+    found = getattr(config, "image_token_id", None)
+    return found if found is not None else getattr(config, "image_token_index", None)
+
+
 def matches(pattern: str, module_name: str) -> bool:
     """True when `pattern` matches `module_name` from its start up to a module boundary."""
     return re.match(rf"(?:{pattern})(?:\.|$)", module_name) is not None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.families import Family, matches
+from ..models.families import Family, image_token_id, matches
 
 
 @dataclass
@@ -88,11 +88,11 @@ def model_shape(model, family: Family) -> ModelShape:
         if full < vision_layers:
             window = (vision.window_size // vision.patch_size) ** 2
         merge = getattr(vision, "spatial_merge_size", 1) or 1
-    image_token = getattr(base.config, "image_token_id", None) or getattr(base.config, "image_token_index", None)
     return ModelShape(decoder=counts["decoder"], head=counts["head"], vision=counts["vision"],
                       projector=counts["projector"], lora=lora, layers=text.num_hidden_layers,
                       attention_width=heads * head_dim, vision_width=vision_width, vision_layers=vision_layers,
-                      vision_full_layers=full, window=window, merge=merge, image_token_id=image_token)
+                      vision_full_layers=full, window=window, merge=merge,
+                      image_token_id=image_token_id(base.config))
 
 
 def image_patches(batch: dict, config) -> list[int]:
