@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..batching.encoding import tokenizer_kwargs
 from ..batching.template import render
 from ..evaluation.inference import load_target, prompt_batch, prompt_messages, stop_token_ids
 from ..models.families import family_for, image_token_id
@@ -66,16 +67,14 @@ def export_gguf(target: str | Path, outtypes=("f16",), out: str | Path | None = 
     options = dict(pre_tokenizer=_zoo_pre_tokenizer(recipe), text_architecture=family.gguf_text_architecture,
                    renames=family.gguf_renames)
     print(f"[finetune] converting {folder} to GGUF ({', '.join(outtypes)}; mmproj {mmproj_outtype}) in {out}")
-    files = {}
-    for outtype in sorted(outtypes, key=lambda t: t in QUANTIZED):  # converted first: quants start from them
-        path = out / f"model-{outtype}.gguf"
-        if outtype in CONVERTED:
-            files[outtype] = convert(folder, path, outtype, **options)
-            continue
+    files = {t: convert(folder, out / f"model-{t}.gguf", t, **options) for t in outtypes if t in CONVERTED}
+    quants = [t for t in outtypes if t in QUANTIZED]
+    if quants:  # from a lossless conversion: a requested one, or a temporary one converted once for all quants
         source = files.get(source_type) or convert(folder, out / f".model-{source_type}.gguf", source_type, **options)
-        files[outtype] = quantize(source, path, outtype)
+        files.update({t: quantize(source, out / f"model-{t}.gguf", t) for t in quants})
         if source.name.startswith("."):
             source.unlink()
+    files = {t: files[t] for t in outtypes}  # in the order asked: the first is the tokenizer check's
     mmproj = convert(folder, out / f"mmproj-{mmproj_outtype}.gguf", mmproj_outtype, mmproj=True, **options)
 
     hf = load_target(folder, recipe)
@@ -174,9 +173,9 @@ def answer_parity(model: Path, mmproj: Path, hf, rows, reference, limits, max_ne
                                           else p for p in m["content"]]} if isinstance(m["content"], list) else m
                         for m in prompt_messages(row["messages"])]
             prompt = render(hf.processor, messages, hf.family, generation_prompt=True)
-            bos = hf.processor.tokenizer.bos_token
-            got = runtime_.answer(prompt, [_png(image) for image in row["images"]], max_new_tokens,
-                                  add_bos=not (bos and prompt.startswith(bos)))  # as finetune's encoding does
+            # BOS as finetune's encoding adds it: not where the template already wrote it
+            add_bos = tokenizer_kwargs(hf.processor, [prompt]).get("add_special_tokens", True)
+            got = runtime_.answer(prompt, [_png(image) for image in row["images"]], max_new_tokens, add_bos)
             rows_out.append({"row_id": row["row_id"], "merged": hf.processor.tokenizer.decode(ref["tokens"]).strip(),
                              "gguf": got.text, "agree": got.tokens == ref["tokens"],
                              "image_tokens": [ref["image_tokens"], got.image_tokens],
