@@ -88,7 +88,9 @@ def install_converter(sdist: str | Path | None = None) -> Path:
                        and m.name[len(prefix):].split("/")[0] in CONVERTER_FILES and (m.isfile() or m.isdir())]
             for member in members:
                 member.name = member.name[len(prefix):]
-            archive.extractall(staging, members=members, filter="data")
+            # the "data" filter (no links out, no special files) exists from Python 3.10.12 / 3.11.4
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            archive.extractall(staging, members=members, **safe)
         missing = [name for name in CONVERTER_FILES if not (staging / name).exists()]
         if missing:
             raise ExportError(f"{sdist}: has no vendor/llama.cpp/{missing[0]}")
