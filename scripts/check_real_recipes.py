@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from finetune.recipe.methods import DEFAULT_METHOD, METHODS
+
 ROOT = Path(__file__).resolve().parents[1]
 HUB = ROOT / "tests" / "fixtures" / "hub"
 DATA = ROOT / "data" / "chartqa-tiny"
@@ -62,7 +64,7 @@ def run_recipe(name: str, hub_id: str, root: Path, env: dict | None = None) -> d
 
     if yaml.safe_load(recipe.read_text()).get("quantization", {}).get("load_in_4bit"):
         extra = ["quantization.compute_dtype=float32"]  # the recipes' bfloat16 compute needs a bf16 GPU
-    if yaml.safe_load(recipe.read_text()).get("training", {}).get("method") == "grpo":
+    if METHODS[yaml.safe_load(recipe.read_text()).get("training", {}).get("method", DEFAULT_METHOD)].generates:
         extra += ["training.num_generations=2", "training.max_completion_length=8"]  # batches of 2 rows
     started = time.time()
     train = subprocess.run([sys.executable, "-m", "finetune", "train", str(recipe), *overrides(hub_dir, out), *extra,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from conftest import ROOT, image
+from conftest import ROOT, image, tiny_recipe
 from finetune import zoo
 from finetune.batching.template import template_traits
 from finetune.data.rows import RowReader, chat_rows, source_rows
@@ -20,17 +20,14 @@ PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text
 
 
 def dpo_recipe(tmp_path, *extra, data=None, **training):
-    return load_recipe({
-        "model": {"name_or_path": "zoo:qwen2_vl", "dtype": "float32"},
-        "data": data or {"path": str(ROOT / "data/chartqa-tiny-dpo"), "format": "preference",
-                         "image_root": str(ROOT / "data/chartqa-tiny"), "max_samples": 8, "eval_split": "test"},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {"method": "dpo", "output_dir": str(tmp_path / "dpo"), "max_steps": 4, "beta": 0.5,
-                     "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1,
-                     "save_strategy": "no", "bf16": False, "activation_checkpointing": False, "seed": 0,
-                     "dataloader_num_workers": 0, **training},
-        "evaluation": {"limit": 8, "batch_size": 4, "max_new_tokens": 4},
-    }, list(extra))
+    # `data` replaces the whole data section: no max_samples unless it says so.
+    data = data or {"path": str(ROOT / "data/chartqa-tiny-dpo"), "format": "preference",
+                    "image_root": str(ROOT / "data/chartqa-tiny"), "max_samples": 8, "eval_split": "test"}
+    return load_recipe(tiny_recipe(
+        tmp_path / "dpo", without=["data.max_samples", "evaluation.enabled"], data=data, lora={"r": 8, "alpha": 16},
+        training={"method": "dpo", "max_steps": 4, "beta": 0.5, "per_device_train_batch_size": 4,
+                  "learning_rate": 5e-3, **training},
+        evaluation={"limit": 8, "batch_size": 4, "max_new_tokens": 4}), list(extra))
 
 
 # --- recipe -----------------------------------------------------------------------------------------------------
@@ -40,7 +37,7 @@ def test_dpo_recipe_takes_dpoconfig_keys_and_builds_a_dpoconfig(tmp_path):
     from trl import DPOConfig
 
     recipe = dpo_recipe(tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2])
-    args = recipe.sft_config()
+    args = recipe.trl_config()
     assert isinstance(args, DPOConfig)
     assert (args.beta, args.loss_type, args.loss_weights, args.remove_unused_columns) == (
         0.5, ["sigmoid", "sft"], [1.0, 0.2], False)
@@ -201,15 +198,10 @@ def dpo_run(tmp_path_factory):
     from finetune.training.pipeline import train
 
     tmp_path = tmp_path_factory.mktemp("dpo")
-    sft = train(load_recipe({
-        "model": {"name_or_path": "zoo:qwen2_vl", "dtype": "float32"},
-        "data": {"path": str(ROOT / "data/chartqa-tiny"), "format": "chartqa", "max_samples": 8},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {"output_dir": str(tmp_path / "sft"), "max_steps": 2, "per_device_train_batch_size": 4,
-                     "learning_rate": 1e-3, "save_strategy": "no", "bf16": False, "seed": 0,
-                     "dataloader_num_workers": 0},
-        "evaluation": {"enabled": False},
-    }))
+    sft = train(load_recipe(tiny_recipe(
+        tmp_path / "sft", without=["training.logging_steps", "training.activation_checkpointing"],
+        data={"max_samples": 8}, lora={"r": 8, "alpha": 16},
+        training={"per_device_train_batch_size": 4, "learning_rate": 1e-3})))
     recipe = dpo_recipe(tmp_path, f"model.adapter={sft}", max_steps=12)
     recipe.data.system_prompt = CHARTQA_SYSTEM_PROMPT  # as the SFT adapter was trained
     recipe.data.eval_split = "train"  # the rows it trained on: the margin there must have grown

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune
-from conftest import ROOT, image
+from conftest import ROOT, image, tiny_recipe
 from finetune.batching.collate import ChatCollator
 from finetune.batching.template import prepare_messages, template_kwargs
 from finetune.evaluation.inference import prompt_batch
@@ -22,18 +22,11 @@ from finetune.recipe import ModelConfig, RecipeError, load_recipe
 
 
 def recipe(out=None, *overrides, **training):
-    return load_recipe({
-        "model": {"name_or_path": "zoo:qwen2_vl", "dtype": "float32"},
-        "data": {"path": str(ROOT / "data/chartqa-tiny"), "format": "chartqa", "max_samples": 8,
-                 "eval_split": None},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "rewards": {"functions": ["length"], "length_target": 12},
-        "training": {"method": "grpo", "output_dir": str(out or "runs/grpo"), "max_steps": 2,
-                     "per_device_train_batch_size": 4, "num_generations": 4, "max_completion_length": 8,
-                     "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "bf16": False,
-                     "activation_checkpointing": False, "seed": 0, "dataloader_num_workers": 0,
-                     "disable_tqdm": True, **training},
-    }, list(overrides))
+    return load_recipe(tiny_recipe(
+        out or "runs/grpo", without=["evaluation"], data={"max_samples": 8, "eval_split": None},
+        lora={"r": 8, "alpha": 16}, rewards={"functions": ["length"], "length_target": 12},
+        training={"method": "grpo", "per_device_train_batch_size": 4, "num_generations": 4,
+                  "max_completion_length": 8, "disable_tqdm": True, **training}), list(overrides))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -111,7 +111,7 @@ def test_yaml_scientific_notation_without_dot_becomes_float():
 
 def test_sft_config_receives_recipe_values_and_finetune_defaults():
     recipe = load_recipe(MINIMAL, ["training.max_steps=7", "training.bf16=false", "training.output_dir=/tmp/x"])
-    args = recipe.sft_config()
+    args = recipe.trl_config()
     assert args.max_steps == 7 and args.output_dir == "/tmp/x"
     assert args.remove_unused_columns is False and args.dataset_kwargs == {"skip_prepare_dataset": True}
 
@@ -153,7 +153,7 @@ def test_shipped_recipes_build_their_sft_config_without_deprecation_warnings(pat
     recipe = load_recipe(path, ["training.bf16=false"])  # bf16 needs a GPU to build the config; not the point
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        config = recipe.sft_config()
+        config = recipe.trl_config()
     deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert deprecations == []
     expected = parse_yaml(path.read_text())["training"].get("activation_checkpointing", True)

@@ -17,7 +17,7 @@ from ..evaluation.conversation import system_prompt
 from ..models.families import FAMILIES
 from ..models.lora import group_of
 from ..models.zoo import HubFiles, parse_name
-from ..recipe import HUB_ID, load_recipe
+from ..recipe import HUB_ID, load_recipe, method_of
 
 #: Serving engines (vLLM, TGI, SGLang) apply LoRA adapters to the language model only.
 SERVING_NOTE = ("common serving engines (e.g. vLLM) apply LoRA adapters to the language model only and would "
@@ -124,7 +124,7 @@ def adapter_serving_warnings(folder: str | Path) -> list[str]:
 
 
 def _training_table(recipe, summary: dict) -> str:
-    t, lora, q = recipe.training, recipe.lora, recipe.quantization
+    t, lora, q, method = recipe.training, recipe.lora, recipe.quantization, method_of(recipe.training)
     rows = [
         ("LoRA rank / alpha / dropout", f"{lora.r} / {lora.alpha} / {lora.dropout}"),
         ("LoRA targets", ", ".join(lora.targets) if lora.target_modules is None else f"`{lora.target_modules}`"),
@@ -136,10 +136,7 @@ def _training_table(recipe, summary: dict) -> str:
         ("batch size x grad. accumulation", f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps}"),
         ("steps / epochs", f"{summary.get('steps', t.max_steps)} / {_round(summary.get('epochs'))}"),
         ("max length (tokens, images included)", getattr(t, "max_length", None) or "-"),
-        *([("GRPO: generations per prompt / completion length / beta",
-            f"{t.num_generations} / {t.max_completion_length} / {t.beta}"),
-           ("GRPO rewards (weights)", f"{', '.join(recipe.rewards.functions)} ({t.reward_weights or 'equal'})")]
-          if t.method == "grpo" else []),
+        *(method.card_settings(recipe) if method.card_settings else []),
         ("optimizer / weight decay / warmup", f"{t.optim} / {t.weight_decay} / {t.warmup_steps}"),
         ("seed", t.seed),
     ]

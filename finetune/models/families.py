@@ -60,8 +60,11 @@ class Family:
     packed_row_inputs: tuple[str, ...] = ()
     #: Why `training.packing` cannot be exact for this family ("" = it can; finetune.batching.packing).
     no_packing: str = ""
-    #: Why TRL's GRPOTrainer cannot train this family ("" = it can; finetune.training.grpo).
-    no_grpo: str = ""
+    #: Training methods (finetune.recipe.methods) TRL's trainers cannot run for this family: ((method, why), ...).
+    no_methods: tuple[tuple[str, str], ...] = ()
+    #: The vision tower's attention passes `cu_seq_lens_q` to a flash-named implementation (Qwen-VL), so it can run
+    #: every window or image of a batch in one varlen kernel call per layer (finetune.training.attention).
+    vision_varlen: bool = False
     #: Why llama.cpp (the pinned converter and its mtmd runtime) cannot run this family ("" = it can;
     #: finetune.export.gguf).
     no_gguf: str = ""
@@ -74,6 +77,10 @@ class Family:
     gguf_text_architecture: str = ""
     gguf_renames: tuple[tuple[str, str], ...] = ()
     notes: str = ""
+
+    def method_refusal(self, method: str) -> str:
+        """Why `training.method` `method` cannot train this family ("" = it can)."""
+        return dict(self.no_methods).get(method, "")
 
     def quantization_skip(self) -> list[str]:
         """Modules bitsandbytes must keep in full precision: vision tower, projector and the LM head."""
@@ -138,18 +145,21 @@ FAMILIES: dict[str, Family] = {
         name="Qwen2-VL",
         decoder=r"model\.language_model", projector=r"model\.visual\.merger", vision=r"model\.visual",
         image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True, gguf_image_tokens="pixels",
+        vision_varlen=True,
         notes="Dynamic resolution: image token count follows image size (min/max pixels).",
     ),
     "qwen2_5_vl": Family(
         name="Qwen2.5-VL",
         decoder=r"model\.language_model", projector=r"model\.visual\.merger", vision=r"model\.visual",
         image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True, gguf_image_tokens="pixels",
+        vision_varlen=True,
     ),
     "qwen3_vl": Family(
         name="Qwen3-VL",
         decoder=r"model\.language_model", projector=r"model\.visual\.(?:merger|deepstack_merger_list)",
         vision=r"model\.visual",
         image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True, gguf_image_tokens="pixels",
+        vision_varlen=True,
         notes="DeepStack mergers feed intermediate vision features into early decoder layers; they are projectors.",
     ),
     "paligemma": Family(
@@ -178,8 +188,8 @@ FAMILIES: dict[str, Family] = {
         template_kwargs=(("date_string", "26 Jul 2024"),),
         no_gguf="llama.cpp has no cross-attention vision models (its converter does not know "
                 "MllamaForConditionalGeneration)",
-        no_grpo="TRL's GRPOTrainer does not pass aspect_ratio_ids, aspect_ratio_mask or cross_attention_mask to "
-                "the model when it scores completions (the forward pass fails)",
+        no_methods=(("grpo", "TRL's GRPOTrainer does not pass aspect_ratio_ids, aspect_ratio_mask or "
+                             "cross_attention_mask to the model when it scores completions (the forward pass fails)"),),
         no_packing="text attends to images through cross-attention masks of a whole row, and transformers masks "
                    "text that attends to no image only in the MLP: a packed sample without images would attend to "
                    "the other samples' images",

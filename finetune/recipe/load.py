@@ -17,14 +17,15 @@ from typing import Any
 
 import yaml
 
+from ..data.formats import COLUMNS
 from ..errors import RecipeError, SourceNotFound
 from ..models.families import FAMILIES
 from ..models.zoo import parse_name
 from .distributed import validate_distributed
+from .methods import DEFAULT_METHOD, METHODS, format_owner, method_of
 from .sections import (DataConfig, EvaluationConfig, ExportConfig, GuardsConfig, LoraConfig, ModelConfig,
                        QuantizationConfig, RewardsConfig)
-from .training import (METHODS, REFUSED_DPO_KEYS, REFUSED_GRPO_KEYS, REFUSED_TRAINING_KEYS, RENAMED_TRAINING_KEYS, SANE_LEARNING_RATES,
-                       check_ranges, training_config_class, trl_config)
+from .training import RENAMED_TRAINING_KEYS, SANE_LEARNING_RATES, check_ranges, training_config_class, trl_config
 from .types import check_choice, coerce
 
 
@@ -34,7 +35,7 @@ class Recipe:
     data: DataConfig
     lora: LoraConfig
     quantization: QuantizationConfig
-    #: `trl.SFTConfig` or `trl.DPOConfig` fields, per `training.method` (see `training_config_class`).
+    #: The fields of `training.method`'s TRL config (finetune.recipe.methods; see `training_config_class`).
     training: Any
     export: ExportConfig
     evaluation: EvaluationConfig
@@ -44,8 +45,8 @@ class Recipe:
     #: The file this recipe came from (None when built from a dict).
     source: Path | None = None
 
-    def sft_config(self, **overrides: Any):
-        """The TRL config for this recipe (`trl.SFTConfig`, or `trl.DPOConfig` for `training.method: dpo`)."""
+    def trl_config(self, **overrides: Any):
+        """The TRL config for this recipe: `training.method`'s config class (`trl.SFTConfig`, `trl.DPOConfig`, ...)."""
         return trl_config(self.training, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,9 +160,9 @@ def build_recipe(raw: dict) -> Recipe:
         if not isinstance(body, dict):
             raise RecipeError(f"{name}: expected a mapping of keys, got {type(body).__name__}")
         if name == "training":
-            method = body.get("method", "sft")
+            method = body.get("method", DEFAULT_METHOD)
             check_choice("training.method", method, METHODS, what="method")
-            refused = {"sft": REFUSED_TRAINING_KEYS, "dpo": REFUSED_DPO_KEYS, "grpo": REFUSED_GRPO_KEYS}[method]
+            refused = METHODS[method].refused_keys
             for key in body:
                 if key in refused:
                     raise RecipeError(f"training.{key}: not supported: {refused[key]}")
@@ -205,26 +206,7 @@ def _build_section(cls: type, body: dict, prefix: str) -> Any:
 
 
 def validate_combinations(r: Recipe) -> None:
-    dpo = r.training.method == "dpo"
-    validate_grpo(r)
-    if dpo != (r.data.format == "preference"):
-        raise RecipeError(
-            "training.method: dpo trains on data.format preference (image(s), prompt, chosen, rejected)"
-            if dpo else "data.format: preference rows train with training.method: dpo")
-    if dpo and r.data.streaming:
-        raise RecipeError("data.streaming: not supported with training.method dpo")
-    if r.training.method == "sft" and r.training.packing:
-        if r.data.streaming:
-            raise RecipeError("training.packing: not supported with data.streaming (packs are planned from the "
-                              "pre-flight scan's lengths of every row)")
-        if r.training.packing_strategy != "bfd":
-            raise RecipeError(f"training.packing_strategy: {r.training.packing_strategy!r} is not supported; finetune "
-                              "packs whole samples (bfd): a sample split across rows would lose its images")
-        if r.training.max_length is None:
-            raise RecipeError("training.max_length: required with training.packing (the length of a packed row)")
-    if dpo and r.evaluation.every_n_steps:
-        raise RecipeError("evaluation.every_n_steps: not supported with training.method dpo (TRL logs reward "
-                          "margins and accuracies every training.logging_steps)")
+    validate_method(r)
     if r.model.trust_remote_code and not r.model.revision:
         raise RecipeError(
             "model.trust_remote_code: runs code downloaded with the model; pin model.revision to a commit hash "
@@ -240,7 +222,8 @@ def validate_combinations(r: Recipe) -> None:
         raise RecipeError("training.resume: empty; use null, auto, or a checkpoint folder")
     if getattr(r.training, "truncation_mode", None) == "keep_end":
         raise RecipeError("training.truncation_mode: keep_end would cut image tokens out of the prompt")
-    if r.lora.target_modules is None and r.quantization.load_in_4bit and r.training.fp16 and r.quantization.compute_dtype == "bfloat16":
+    q = r.quantization
+    if r.lora.target_modules is None and q.load_in_4bit and r.training.fp16 and q.compute_dtype == "bfloat16":
         raise RecipeError("quantization.compute_dtype: bfloat16 compute with training.fp16=true mixes precisions; "
                           "use compute_dtype float16 or training.bf16")
     if r.data.streaming and (r.training.max_steps is None or r.training.max_steps <= 0):
@@ -258,27 +241,40 @@ def validate_combinations(r: Recipe) -> None:
             raise RecipeError(f"model.name_or_path: {folder}: not a folder of hub checkpoint files (no config.json)")
 
 
-def validate_grpo(r: Recipe) -> None:
-    """GRPO scores sampled completions of each prompt with `rewards:`; every other method ignores that section."""
-    grpo = r.training.method == "grpo"
-    if not grpo:
+def validate_method(r: Recipe) -> None:
+    """What `training.method` (its row in finetune.recipe.methods) requires of the other sections."""
+    name, method = r.training.method, method_of(r.training)
+    owner = format_owner(r.data.format)
+    if method.data_format and r.data.format != method.data_format:
+        raise RecipeError(f"training.method: {name} trains on data.format {method.data_format} (columns "
+                          f"{', '.join(COLUMNS[method.data_format])})")
+    if owner and owner != name:
+        raise RecipeError(f"data.format: {r.data.format} rows train with training.method: {owner}")
+    if r.data.streaming and method.no_streaming:
+        raise RecipeError(f"data.streaming: {method.no_streaming}")
+    if r.evaluation.every_n_steps and method.no_eval_during_training:
+        raise RecipeError(f"evaluation.every_n_steps: {method.no_eval_during_training}")
+    if method.packing and r.training.packing:
+        if r.data.streaming:
+            raise RecipeError("training.packing: not supported with data.streaming (packs are planned from the "
+                              "pre-flight scan's lengths of every row)")
+        if r.training.packing_strategy != "bfd":
+            raise RecipeError(f"training.packing_strategy: {r.training.packing_strategy!r} is not supported; finetune "
+                              "packs whole samples (bfd): a sample split across rows would lose its images")
+        if r.training.max_length is None:
+            raise RecipeError("training.max_length: required with training.packing (the length of a packed row)")
+    if not method.rewards:
         if r.rewards.functions:
-            raise RecipeError("rewards.functions: used only with training.method: grpo (it would be ignored)")
+            raise RecipeError(f"rewards.functions: used only with training.method: "
+                              f"{' or '.join(n for n, m in METHODS.items() if m.rewards)} (it would be ignored)")
         return
     if not r.rewards.functions:
-        raise RecipeError("rewards.functions: training.method grpo needs at least one reward (e.g. [relaxed_accuracy])")
+        raise RecipeError(f"rewards.functions: training.method {name} needs at least one reward (e.g. "
+                          "[relaxed_accuracy])")
     weights = r.training.reward_weights
     if weights is not None and len(weights) != len(r.rewards.functions):
         raise RecipeError(f"training.reward_weights: {len(weights)} weights for {len(r.rewards.functions)} rewards "
                           f"({', '.join(r.rewards.functions)})")
-    if r.data.format == "preference":
-        raise RecipeError("data.format: preference rows train with training.method: dpo; grpo takes prompts with "
-                          "reference answers (chartqa, vqa, messages, ...)")
-    if r.data.streaming:
-        raise RecipeError("data.streaming: not supported with training.method grpo")
-    if r.evaluation.every_n_steps:
-        raise RecipeError("evaluation.every_n_steps: not supported with training.method grpo (TRL logs the rewards "
-                          "every training.logging_steps)")
 
 
 def _deepcopy(raw: dict) -> dict:

@@ -1,6 +1,6 @@
-"""The `training:` section: `trl.SFTConfig`'s keys verbatim (`trl.DPOConfig`'s for `training.method: dpo`), mirrored
-as a dataclass with the same names, types and defaults, plus finetune's few extensions and defaults, and the keys
-refused because they would silently break multimodal training."""
+"""The `training:` section: the keys of the TRL config of `training.method` verbatim (`trl.SFTConfig`, `DPOConfig`,
+`GRPOConfig`: finetune.recipe.methods), mirrored as a dataclass with the same names, types and defaults, plus
+finetune's few extensions and defaults."""
 
 from __future__ import annotations
 
@@ -11,18 +11,14 @@ from dataclasses import field
 from typing import Any, Literal
 
 from ..errors import RecipeError
+from .methods import DEFAULT_METHOD, METHODS
 
 #: Learning rates LoRA fine-tuning uses in practice; outside it needs guards.allow_unusual_learning_rate.
 SANE_LEARNING_RATES = (1e-7, 1e-2)
 
-#: Training methods and the TRL config class whose keys `training:` takes for each.
-METHODS = {"sft": "SFTConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig"}
-
 #: Keys of the `training:` section that finetune adds to the TRL config's (never passed to it).
 TRAINING_EXTENSIONS: list[tuple[str, Any, Any, str]] = [
-    ("method", Literal["sft", "dpo", "grpo"], "sft",
-     "sft = supervised fine-tuning (trl.SFTConfig keys); dpo = preference tuning on data.format preference "
-     "(trl.DPOConfig keys); grpo = reinforcement learning with the `rewards:` section (trl.GRPOConfig keys)"),
+    ("method", Literal[tuple(METHODS)], DEFAULT_METHOD, "; ".join(f"{n} = {m.summary}" for n, m in METHODS.items())),
     ("resume", str | None, None,
      "null = start fresh; auto = continue from the newest complete checkpoint in output_dir (fresh if none); "
      "or a checkpoint folder, which must be complete"),
@@ -67,42 +63,16 @@ def trl_name(config: type, name: str) -> str:
     old = {new: old for old, new in RENAMED_TRAINING_KEYS.items()}.get(name)
     return old if old is not None else name
 
-# DPOConfig keys that would silently break multimodal training or finetune's label guarantees.
-REFUSED_DPO_KEYS = {
-    "padding_free": "padding-free batches are not supported for image datasets",
-    "precompute_ref_log_probs": "not supported for image datasets (TRL); the reference is computed per batch",
-    "sync_ref_model": "the reference is the base (adapter disabled), there is no reference model to sync",
-    "remove_unused_columns": "the collator needs the raw message columns",
-    "resume_from_checkpoint": "use training.resume (auto, or a checkpoint folder)",
-}
-
-# GRPOConfig keys that would silently break finetune's guarantees.
-REFUSED_GRPO_KEYS = {
-    "remove_unused_columns": "the reward functions need the reference answers column",
-    "resume_from_checkpoint": "use training.resume (auto, or a checkpoint folder)",
-}
-
-# SFTConfig keys that would silently break multimodal training; refused with the reason.
-REFUSED_TRAINING_KEYS = {
-    "padding_free": "use training.packing: true (samples packed whole, attention isolated per sample)",
-    "assistant_only_loss": "finetune always trains on assistant tokens only (see `finetune check --show-labels`)",
-    "completion_only_loss": "finetune always trains on assistant tokens only (see `finetune check --show-labels`)",
-    "dataset_text_field": "rows are chat messages; there is no text field",
-    "remove_unused_columns": "the collator needs the raw message columns",
-    "resume_from_checkpoint": "use training.resume (auto, or a checkpoint folder)",
-}
-
-
-def trl_config_class(method: str = "sft") -> type:
+def trl_config_class(method: str = DEFAULT_METHOD) -> type:
     import trl
 
-    return getattr(trl, METHODS[method])
+    return getattr(trl, METHODS[method].trl_config)
 
 
 @functools.cache
-def training_config_class(method: str = "sft") -> type:
-    """A dataclass with exactly the method's TRL config fields (`trl.SFTConfig` or `trl.DPOConfig`: same names,
-    types, defaults) plus finetune's extensions, and no side effects."""
+def training_config_class(method: str = DEFAULT_METHOD) -> type:
+    """A dataclass with exactly the method's TRL config fields (same names, types, defaults) plus finetune's
+    extensions, and no side effects."""
     config = trl_config_class(method)
     hints = typing.get_type_hints(config)
     names = {f.name for f in dataclasses.fields(config)}
@@ -120,7 +90,7 @@ def training_config_class(method: str = "sft") -> type:
         else:
             spec = field(default=None)
         specs.append((renamed.get(f.name, f.name), WIDENED_TYPES.get(f.name, hints.get(f.name, Any)), spec))
-    # `method` keeps its default "sft" in both classes, so a dpo recipe always writes it out (recipe.yaml).
+    # `method` keeps its default (sft) in every class, so a dpo recipe always writes it out (recipe.yaml).
     specs += [(name, ann, field(default=default)) for name, ann, default, _ in TRAINING_EXTENSIONS if name not in names]
     return dataclasses.make_dataclass(f"TrainingConfig_{method}", specs)
 
@@ -130,8 +100,8 @@ def _copy(value: Any) -> Any:
 
 
 def trl_config(training: Any, **overrides: Any):
-    """The TRL config (`trl.SFTConfig`, or `trl.DPOConfig` for `training.method: dpo`) for a `training:` section:
-    only keys that differ from its defaults are passed."""
+    """The TRL config of `training.method` for a `training:` section: only keys that differ from its defaults are
+    passed."""
     config = trl_config_class(training.method)
     defaults = {f.name: f for f in dataclasses.fields(config) if f.init}
     ours = {trl_name(config, f.name): f.name for f in dataclasses.fields(training)}

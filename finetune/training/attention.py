@@ -2,7 +2,7 @@
 every sample to itself without computing the other samples' scores.
 
 finetune.batching.packing lays packs out as rows; the trainer's training step (finetune.training.trainer) calls
-these (`packed_inputs`) with the model in hand; scripts/bench_gpu.py lays out its packed rows the same way.
+these (`packed_inputs`) with the model in hand; scripts/bench_sides.py lays out its packed rows the same way.
 
 Attention over packed rows on SDPA, by `kernel`:
   per_sample  SDPA one sample at a time (a Python loop over the samples of every row, in every layer): exact
@@ -24,6 +24,7 @@ import inspect
 import torch
 
 from ..batching.packing import pack_batch, row_segments
+from ..models.families import FAMILIES
 
 
 def rope_positions(model, batch: dict) -> torch.Tensor | None:
@@ -201,9 +202,6 @@ def call_varlen(fn, query, key, value, segments: list[int], scale: float | None,
 #: Python-level call each, in the forward and again when checkpointing recomputes).
 VISION_VARLEN = "finetune_flash_varlen"
 
-#: Model types whose vision attention passes `cu_seq_lens_q` to a flash-named implementation.
-VISION_VARLEN_MODELS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-
 
 def vision_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             cu_seq_lens_q=None, cu_seq_lens_k=None, is_causal=False, **kwargs):
@@ -234,7 +232,8 @@ def use_vision_varlen(model, on: bool = True) -> bool:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     vision = getattr(base.config, "vision_config", None)
-    if vision is None or base.config.model_type not in VISION_VARLEN_MODELS:
+    family = FAMILIES.get(base.config.model_type)
+    if vision is None or family is None or not family.vision_varlen:
         return False
     if on and (varlen_kernel() is None or vision._attn_implementation != "sdpa"):
         return False

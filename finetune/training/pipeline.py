@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import time
@@ -27,22 +28,26 @@ from ..models.families import Family
 from ..models.frozen import run_frozen_without_autograd
 from ..models.loading import load_family, load_model, load_processor
 from ..models.lora import LoraPlan, plan_lora, trainable_by_group
-from ..recipe import Recipe, RecipeError, load_recipe
+from ..recipe import Recipe, RecipeError, load_recipe, method_of
 from ..recipe.distributed import check_launch, from_environment
-from . import dpo, grpo, sft
 from .adapter import continue_from
 from .attention import use_vision_varlen
 from .checkpoints import CHECKPOINT, CheckpointError, checkpoints, leftovers, newest_complete, resume_point, step_of
 from .guards import HealthMonitor, TrainingInterrupted
 from .kernels import refuse_missing_kernels
+from .progress import TRAIN_LOG
 from .sharding import leave_sharding, refuse_text_only_rows_when_sharded, sharded_strategy, weights_sharded
 
 #: What `finetune merge`, `push` and `PeftModel.from_pretrained` read from a run folder.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
-#: Each `training.method` is a module: its Trainer (and the arguments it adds: `trainer_kwargs`, `config_overrides`),
-#: collator, the rows it trains on (`rows`), held-out comparison and what it saves.
-METHODS = {"sft": sft, "dpo": dpo, "grpo": grpo}
+
+
+def method_module(recipe: Recipe):
+    """The training module of `training.method` (its row's `module` in finetune.recipe.methods): its Trainer (and
+    the arguments it adds: `trainer_kwargs`, `config_overrides`), collator, the rows it trains on (`rows`), held-out
+    comparison (`before_after`) and what it saves (`saved`). The one place a method's code is chosen."""
+    return importlib.import_module(method_of(recipe.training).module)
 
 
 @dataclass
@@ -85,7 +90,7 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
             f"interrupted at step {run.trainer.interrupt.interrupted_at}; saved {where}. Continue with: "
             f"finetune train {recipe.source or 'RECIPE'} training.resume=auto")
     throughput = run.trainer.throughput(result.metrics["train_runtime"])  # collectives: every rank calls them
-    decode_failures = run.trainer.dropped_during_training()
+    decode_failures = run.trainer.dropped.report()  # rows whose images failed to decode
     run.trainer.save_model(str(out))  # every rank: sharded weights are gathered before rank 0 writes them
     if not run.trainer.is_world_process_zero():
         return out
@@ -96,23 +101,23 @@ def train(recipe: Recipe | str | Path | dict, overrides: Sequence[str] = (), ove
     if run.eval_data is not None and recipe.evaluation.enabled:
         if sharded:
             reload_adapter(run, out)
-        METHODS[recipe.training.method].before_after(run, out)
+        method_module(recipe).before_after(run, out)
     export_run(recipe, out)
     return out
 
 
 def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
-    """Load processor, data (scanned), model and adapters, and build the trainer of `training.method` (METHODS).
+    """Load processor, data (scanned), model and adapters, and build the trainer of `training.method`.
     `resume_step`: the step of the checkpoint a run resumes from (a stream continues from the batch after it)."""
     check_launch(recipe, from_environment())  # the launcher's settings agree with the recipe's, before any work
     # Processor first: it is cheap, and the data scan needs it before any weights are read.
     model_path, family, processor, collator = load_processing(recipe)
-    packing = recipe.training.method == "sft" and recipe.training.packing
+    packing = packing_on(recipe)
     if packing:
         if reason := refusal(family, recipe.model.attn_implementation):
             raise RecipeError(f"training.packing: not supported for {family.name}: {reason}")
-    method = METHODS[recipe.training.method]
-    args = recipe.sft_config(**_runtime_overrides(recipe), **method.config_overrides(processor, family))
+    method = method_module(recipe)
+    args = recipe.trl_config(**_runtime_overrides(recipe), **method.config_overrides(processor, family))
     # One process per machine scans (and caches); the others wait, then load the cached scan. `args.device` sets
     # up the process group first: without it the ranks do not know of each other yet and would all scan.
     args.device  # noqa: B018
@@ -164,6 +169,7 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
         data_collator=data_collator,
         processing_class=processor,
         peft_config=peft_config,
+        progress=method_of(recipe.training).progress,
         **method.trainer_kwargs(recipe),
     )
     trainable = trainable_by_group(trainer.model, family)
@@ -181,11 +187,11 @@ def prepare(recipe: Recipe, resume_step: int = 0) -> Run:
 def load_processing(recipe: Recipe) -> tuple[str, Family, object, ChatCollator]:
     """Model path, family, processor (with the recipe's image settings) and the training collator."""
     model_path, family = load_family(recipe.model)
-    if recipe.training.method == "grpo" and family.no_grpo:
-        raise RecipeError(f"training.method: grpo is not supported for {family.name}: {family.no_grpo}")
+    if reason := family.method_refusal(recipe.training.method):
+        raise RecipeError(f"training.method: {recipe.training.method} is not supported for {family.name}: {reason}")
     refuse_missing_kernels(recipe, family)  # here, so `finetune check` says it too, before any weights load
     processor = load_processor(model_path, recipe.model, recipe.data.image_processor, family)
-    return model_path, family, processor, METHODS[recipe.training.method].collator(processor, family)
+    return model_path, family, processor, method_module(recipe).collator(processor, family)
 
 
 def scanned(recipe: Recipe, split: str, family: Family, collator: ChatCollator):
@@ -193,11 +199,12 @@ def scanned(recipe: Recipe, split: str, family: Family, collator: ChatCollator):
     cfg = recipe.data
     reader = RowReader(cfg, videos_as_images=not family.video_input)
     rows = source_rows(cfg, split)
-    grpo = recipe.training.method == "grpo"  # a GRPO row is its prompt and max_completion_length generated tokens
+    # A row of a method that generates is its prompt and max_completion_length generated tokens.
+    budget = recipe.training.max_completion_length if method_of(recipe.training).generates else None
     report = scan_rows(rows, reader, Measurer(collator.processor, family), recipe.training.max_length,
                        cfg.on_too_long, cfg.on_bad_image, verify=cfg.verify_images,
                        num_proc=cfg.num_proc or available_cores(), log=rank_log,
-                       completion_budget=recipe.training.max_completion_length if grpo else None)
+                       completion_budget=budget)
     return chat_rows(rows, reader), report
 
 
@@ -212,7 +219,7 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
     missing = [name for name in ADAPTER_FILES if not (out / name).is_file()]
     if missing:  # a run that cannot be merged or pushed must not look finished
         raise CheckpointError(f"training finished but the adapter was not written: {out} lacks {', '.join(missing)}")
-    method_facts = METHODS[run.recipe.training.method].saved(run, out)
+    method_facts = method_module(run.recipe).saved(run, out)
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml records the same, as text
     run.processor.save_pretrained(str(out))
     write_recipe(run.recipe, out)
@@ -242,6 +249,7 @@ def save(run: Run, result, out: Path, started: float, throughput: dict | None = 
         # Measured over the batches actually trained (all processes), not estimated from the dataset size.
         "throughput": throughput,
         "health": trainer.health.summary(),
+        "log_history": trainer.state.log_history,  # every logged dict (also in train_log.jsonl, as it went)
         **method_facts,
     }, out)
     loss = (f"loss {points[0][1]:.4f} -> {points[-1][1]:.4f}" if points
@@ -301,7 +309,7 @@ def _runtime_overrides(recipe: Recipe) -> dict:
     # use_cpu is set; without it every process silently trains alone and they all write the same folder.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not recipe.training.use_cpu:
         overrides["use_cpu"] = True
-    if recipe.training.method == "sft" and recipe.training.packing:
+    if packing_on(recipe):
         overrides["packing"] = False  # finetune packs (finetune.batching.packing); TRL's packing is for text rows
     if recipe.data.streaming:  # the stream skips what a resumed run trained (finetune.batching.streaming), undecoded
         overrides["ignore_data_skip"] = True
@@ -309,6 +317,11 @@ def _runtime_overrides(recipe: Recipe) -> dict:
     if recipe.training.dataloader_pin_memory and (recipe.training.use_cpu or not torch.accelerator.is_available()):
         overrides["dataloader_pin_memory"] = False
     return overrides
+
+
+def packing_on(recipe: Recipe) -> bool:
+    """finetune packs this run's rows (`training.packing`, for a method that packs)."""
+    return method_of(recipe.training).packing and recipe.training.packing
 
 
 def trained_steps(checkpoint: Path) -> int:
@@ -324,7 +337,8 @@ def _claim_output_dir(out: Path, overwrite: bool, resuming: bool = False) -> Non
         stale = leftovers(out)  # incomplete by construction: a save that was cut off
         if overwrite:
             shutil.rmtree(out)
-        elif resuming or all(p in stale for p in out.iterdir()):
+        # A run stopped before its first checkpoint leaves only its log: a new run appends to it.
+        elif resuming or all(p in stale or p.name == TRAIN_LOG for p in out.iterdir()):
             for path in stale:
                 log(f"removing {path}: an incomplete checkpoint from an interrupted save")
                 shutil.rmtree(path)
