@@ -1,7 +1,8 @@
-"""What a user reads while a run goes: no library warnings finetune cannot act on, and numbers as numbers."""
+"""What a user reads while a run goes: no library warnings finetune cannot act on, and numbers in short figures."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 #: Warnings a library raises about its own internals, whatever the recipe says: (category, message regex).
@@ -18,10 +19,10 @@ def quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
-def rounded(value):
-    """A logged value as a short number: 4 significant digits, whole numbers as ints (never a string)."""
-    if isinstance(value, bool) or not isinstance(value, float):
-        return value
-    short = float(f"{value:.4g}")
-    return int(short) if short.is_integer() else short
-
+def figure(value) -> str:
+    """A logged number for the console: 4 significant digits, whole numbers of 1,000 and more with separators."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or (math.isfinite(value) and value.is_integer() and abs(value) >= 1000):
+        return f"{int(value):,}"
+    return f"{value:.4g}"

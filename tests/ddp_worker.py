@@ -34,7 +34,7 @@ if rank == 0:
 result = run.trainer.train()
 lora = {n: p.detach() for n, p in sorted(run.trainer.model.named_parameters()) if "lora_" in n}
 digest = hashlib.sha256(b"".join(t.contiguous().numpy().tobytes() for t in lora.values())).hexdigest()
-own = [int(x) for x in run.trainer.seen]  # samples, real tokens, padded positions of this rank
+own = [int(x) for x in run.trainer.counts.seen]  # samples, real tokens, padded positions of this rank
 throughput = run.trainer.throughput(result.metrics["train_runtime"])
 run.trainer.save_model(recipe.training.output_dir)  # every rank, as finetune.training.pipeline.train does
 if run.trainer.is_world_process_zero():

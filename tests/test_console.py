@@ -1,7 +1,6 @@
 """What a user sees: the tiny recipe's console (no deprecation warnings, numbers as numbers), its figure and
 report.md, and finetune's own metrics in a tracker (tensorboard) next to the loss."""
 
-import ast
 import json
 import os
 import re
@@ -30,17 +29,32 @@ def tiny_run(tmp_path_factory):
     return out, result.stdout + result.stderr
 
 
-def test_the_tiny_recipe_prints_no_deprecation_warning_and_numbers_as_numbers(tiny_run):
+def logged_steps(out) -> list[dict]:
+    """The training logs (with a loss) of train_log.jsonl, the run folder's log."""
+    lines = (out / "train_log.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if "loss" in e]
+
+
+def test_the_tiny_recipe_prints_one_formatted_line_per_log_and_no_raw_dicts(tiny_run):
     out, console = tiny_run
     warned = [line for line in console.splitlines() if re.search(r"(Future|Deprecation|User)Warning", line)]
     assert warned == []
-    logs = [ast.literal_eval(m) for m in re.findall(r"\{'loss': [^}]*\}", console)]
-    assert len(logs) == STEPS // 5
+    assert "{'" not in console, "no raw log dict on the console"
     summary = json.loads((out / "run_summary.json").read_text())
-    for log, point in zip(logs, summary["loss_curve"]):
-        assert all(isinstance(v, (int, float)) for v in log.values()), log  # never '7.54'
-        assert log["loss"] == float(f"{point['loss']:.4g}")  # 4 significant digits
-        assert log["tokens_per_second"] > 0 and 0 <= log["padding_fraction"] < 0.1
+    lines = re.findall(r"step (\d+)/10 · loss ([\d.]+) · lr ([\d.e+-]+) · ([\d,]+) tokens/s(.*)", console)
+    assert [int(step) for step, *_ in lines] == [5, 10]
+    logs = logged_steps(out)
+    for (step, loss, lr, tokens, rest), log, point in zip(lines, logs, summary["loss_curve"]):
+        assert float(loss) == float(f"{point['loss']:.4g}")  # 4 significant digits
+        assert float(lr) == pytest.approx(log["learning_rate"], rel=5e-3)
+        assert int(tokens.replace(",", "")) == round(log["tokens_per_second"]) > 0
+        # The held-out metric evaluated at this step (before its loss line) is on the line.
+        during = dict(summary["eval_during_training"][1])
+        assert f"eval_relaxed_accuracy {during[int(step)]:.4g}" in rest
+    # The full dicts are in the run folder's log and run_summary.json, every figure a number.
+    assert [e["step"] for e in logs] == [5, 10] and all(0 <= e["padding_fraction"] < 0.1 for e in logs)
+    assert all(isinstance(v, (int, float)) for e in logs for v in e.values())
+    assert [e for e in summary["log_history"] if "loss" in e] == [{k: v for k, v in e.items()} for e in logs]
     final = re.search(r"\[finetune\] done in \d+s; loss (\d+\.\d{4}) -> (\d+\.\d{4}); (\d+) tokens/s", console)
     assert final and float(final[2]) == round(summary["final_loss"], 4)
 
@@ -80,7 +94,7 @@ def test_tensorboard_has_finetunes_throughput_and_eval_metric_next_to_the_loss(t
     scalars = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
     summary = json.loads((out / "run_summary.json").read_text())
     assert scalars["train/loss"] == pytest.approx({p["step"]: p["loss"] for p in summary["loss_curve"]}, rel=1e-6)
-    logged = [ast.literal_eval(m) for m in re.findall(r"\{'loss': [^}]*\}", console)]
+    logged = logged_steps(out)
     assert list(scalars["train/tokens_per_second"]) == [5, 10]
     assert list(scalars["train/tokens_per_second"].values()) == pytest.approx(
         [log["tokens_per_second"] for log in logged], rel=1e-3)
@@ -150,3 +164,27 @@ def test_breakdown_uses_a_source_column_when_the_data_has_one(tmp_path):
     distinct = [{"id": i, "prompt": f"q{i}", "score": 1.0} for i in range(4)]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({**r, "source": "one"}) + "\n" for r in rows))
     assert grouping(recipe, "test", distinct) == (None, [])  # one source, and every question distinct
+
+
+def test_progress_lines_show_the_methods_figures_and_each_held_out_figure_once():
+    from types import SimpleNamespace
+
+    from finetune.recipe import METHODS
+    from finetune.training.progress import ProgressLines
+
+    args = SimpleNamespace(logging_strategy="steps", logging_steps=5)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=3, max_steps=10)
+    lines = ProgressLines(METHODS["dpo"].progress)
+    # An eval at a step without a loss log gets its own line; at a logging step it waits for the loss line.
+    assert lines.line(args, state, {"eval_relaxed_accuracy": 0.25, "eval_runtime": 1.5}) == \
+        "step 3/10 · eval_relaxed_accuracy 0.25"
+    state.global_step = 5
+    assert lines.line(args, state, {"eval_relaxed_accuracy": 0.5}) is None
+    logs = {"loss": 0.693147, "learning_rate": 5e-6, "tokens_per_second": 12345.6, "rewards/accuracies": 0.75,
+            "rewards/margins": 0.0123456, "grad_norm": 3.2}
+    assert lines.line(args, state, logs) == ("step 5/10 · loss 0.6931 · lr 5.00e-06 · 12,346 tokens/s · "
+                                             "rewards/accuracies 0.75 · rewards/margins 0.01235 · "
+                                             "eval_relaxed_accuracy 0.5")
+    assert lines.line(args, state, {"train_runtime": 9.0, "train_loss": 0.7}) is None  # finetune prints its own
+    state.is_world_process_zero = False
+    assert lines.line(args, state, logs) is None

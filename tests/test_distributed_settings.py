@@ -11,7 +11,7 @@ import pytest
 from finetune.recipe import RecipeError, load_recipe
 from finetune.recipe.distributed import Launch, check_launch, from_accelerate_config, from_environment
 from finetune.training.checkpoints import MARKER, CheckpointError, missing_resume_state
-from finetune.training.sharding import refuse_fallback
+from finetune.training.sharding import refuse_fallback, strategy_of
 
 ROOT = Path(__file__).parents[1]
 BASE = {"model": {"name_or_path": "zoo:qwen2_vl"}, "data": {"path": "data/chartqa-tiny"},
@@ -25,7 +25,7 @@ def recipe(*overrides):
 def test_training_fsdp_true_is_the_form_transformers_asks_for():
     r = recipe("training.fsdp=true", "training.fsdp_config={version: 2, fsdp_state_dict_type: SHARDED_STATE_DICT}")
     assert r.training.fsdp is True
-    config = r.sft_config(use_cpu=True)
+    config = r.trl_config(use_cpu=True)
     assert config.fsdp_plugin_args["fsdp_version"] == 2
     assert config.fsdp_plugin_args["state_dict_type"] == "SHARDED_STATE_DICT"
 
@@ -53,9 +53,30 @@ def test_bad_distributed_keys_name_the_key(overrides, message):
         recipe(*overrides)
 
 
-def test_fsdp_with_4bit_weights_stored_in_the_model_dtype_is_accepted():
-    recipe("training.fsdp=true", "quantization.load_in_4bit=true", "quantization.quant_storage=bfloat16",
-           "model.dtype=bfloat16")
+def test_fsdp_with_4bit_weights_stored_in_the_model_dtype_is_accepted_and_loads_in_that_one_dtype():
+    """FSDP flattens the parameters it shards into buffers of one dtype: 4-bit weights stored as bfloat16 beside
+    bfloat16 weights shard; stored beside float32 weights, or as uint8, they do not."""
+    import bitsandbytes as bnb
+    import torch
+
+    from finetune.models.loading import load_family, load_model
+
+    fsdp_4bit = ["training.fsdp=true", "quantization.load_in_4bit=true", "quantization.quant_storage=bfloat16"]
+    accepted = recipe(*fsdp_4bit, "model.dtype=bfloat16")
+    assert (accepted.training.fsdp, accepted.quantization.load_in_4bit, accepted.quantization.quant_storage,
+            accepted.model.dtype) == (True, True, "bfloat16", "bfloat16")
+    check_launch(accepted, from_accelerate_config("recipes/accelerate/fsdp2-cpu.yaml"))  # FSDP, mixed precision no
+    with pytest.raises(RecipeError, match=r"quantization.quant_storage: bfloat16 4-bit weights cannot be sharded by "
+                                          r"FSDP \(training.fsdp\); set quantization.quant_storage=float32"):
+        recipe(*fsdp_4bit, "model.dtype=float32")
+
+    path, family = load_family(accepted.model)
+    model = load_model(path, accepted.model, accepted.quantization, family)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, "one dtype: FSDP can flatten every shard"
+    uint8 = recipe("quantization.load_in_4bit=true", "model.dtype=bfloat16").quantization  # the default storage
+    dtypes = {p.dtype for p in load_model(path, accepted.model, uint8, family).parameters()}
+    assert dtypes == {torch.bfloat16, torch.uint8}, "what FSDP refuses to flatten"
 
 
 def test_launch_mixed_precision_must_match_the_recipe():
@@ -138,10 +159,28 @@ def test_a_strategy_other_than_the_one_asked_for_stops_the_run(asked, ran):
         refuse_fallback(asked, {"strategy": ran, "world_size": 2})
 
 
-@pytest.mark.parametrize("asked, ran", [("FSDP", "FSDP2"), ("FSDP", "FSDP1"), ("DeepSpeed ZeRO-3", "DeepSpeed ZeRO-3"),
-                                        (None, "DDP"), (None, "single")])
-def test_the_strategy_asked_for_runs(asked, ran):
-    refuse_fallback(asked, {"strategy": ran, "world_size": 2})
+@pytest.mark.parametrize("asked, ran, fallback", [
+    ("FSDP", "FSDP2", "DDP"), ("FSDP", "FSDP1", "DeepSpeed ZeRO-3"),
+    ("DeepSpeed ZeRO-3", "DeepSpeed ZeRO-3", "DeepSpeed ZeRO-2"),
+    (None, "DDP", "none (each process trains alone)"), (None, "single", "none (each process trains alone)")])
+def test_the_strategy_asked_for_runs_and_the_nearest_fallback_stops(asked, ran, fallback):
+    assert refuse_fallback(asked, {"strategy": ran, "world_size": 2}) is None
+    refusal = (rf"the run asked for {asked} but the model was prepared as {fallback} over 2 process\(es\); stopping "
+               "before training" if asked else "2 processes run without gradient synchronisation; stopping before")
+    with pytest.raises(RecipeError, match=refusal):
+        refuse_fallback(asked, {"strategy": fallback, "world_size": 2})
+
+
+def test_an_unwrapped_model_reads_as_single_and_stops_a_run_that_asked_for_fsdp():
+    """`strategy_of` on a real model no launcher wrapped: one process, "single"; fine unless FSDP was asked for."""
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    ran = strategy_of(SimpleNamespace(model=model, model_wrapped=model))
+    assert ran == {"strategy": "single", "world_size": 1}
+    assert refuse_fallback(None, ran) is None
+    with pytest.raises(RecipeError, match=r"asked for FSDP but the model was prepared as single over 1 process\(es\)"):
+        refuse_fallback("FSDP", ran)
 
 
 def test_a_run_that_wrote_no_adapter_fails(tmp_path):

@@ -2,6 +2,7 @@
 autograd, the varlen attention path for packed rows (its plumbing, through a CPU stand-in for the CUDA kernel),
 the FLOPs formula behind MFU, Liger's refusals, and QLoRA without the fp32 upcast."""
 
+import dataclasses
 import functools
 
 import pytest
@@ -197,7 +198,7 @@ def test_varlen_packed_rows_train_as_unpacked_in_every_causal_family(family, tmp
         loss = trainer.compute_loss(model, packed, num_items_in_batch=supervised)
         grads = torch.autograd.grad(loss, params)
     layers = model.get_base_model().config.get_text_config().num_hidden_layers
-    assert trainer.packed_attention == {"varlen": layers, "per_sample": 0}
+    assert trainer.counts.packed_attention == {"varlen": layers, "per_sample": 0}
     torch.testing.assert_close(loss, unpacked, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, unpacked_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
@@ -277,17 +278,37 @@ def test_the_varlen_kernel_is_none_without_cuda_and_asking_for_it_there_says_why
 # --- FLOPs and MFU ---------------------------------------------------------------------------------------------
 
 
-def test_step_flops_follow_the_written_formula():
-    shape = flops.ModelShape(decoder=1000, head=300, vision=200, projector=50,
-                             lora={"decoder": 10, "vision": 0, "projector": 4}, layers=2, attention_width=8,
-                             vision_width=6, vision_layers=3, vision_full_layers=1, window=4, merge=2,
-                             image_token_id=7)
-    got = flops.step_flops(shape, sample_tokens=[5, 3], supervised=4, patches=[16], image_tokens=4)
-    decoder = 4 * 1000 * 8 + 4 * 300 * 4 + 6 * 10 * 8
-    attention_flops = 3 * 2 * 2 * 8 * (5 * 6 + 3 * 4)
-    vision = 2 * 200 * 16 + 4 * 6 * (16 * 16 * 1 + 16 * 4 * 2)
-    projector = 2 * (2 * 50 * 4) + 6 * 4 * 4  # trained by LoRA: gradients flow through it
-    assert got == decoder + attention_flops + vision + projector == 57_824
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_step_flops_agree_with_the_matmuls_torch_counts_in_a_training_step(family, tmp_path):
+    """The formula against torch's own FLOP counter over the trainer's forward and backward, one sample at a time
+    (the formula counts real tokens only, the counter padding too). Qwen2.5-VL: image grids, windowed and full
+    vision attention; LLaVA: patches read from pixel_values."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # Eager attention: torch has no FLOP formula for the CPU's fused attention kernel, and eager's matmuls are the
+    # only batched ones (bmm), so attention and the linear layers are measured apart.
+    run = prepare(tiny_recipe(family, tmp_path, "model.attn_implementation=eager"))
+    model = run.trainer.model.train()
+    shape = flops.model_shape(model, run.family)
+    without_attention = dataclasses.replace(shape, layers=0, vision_width=0)
+    for sample in three_samples():
+        batch = batch_of(run, [sample])
+        with FlopCounterMode(display=False) as counter:
+            run.trainer.compute_loss(model, dict(batch)).backward()
+        model.zero_grad(set_to_none=True)
+        measured = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+        attention = measured.pop("aten.bmm")
+        assert set(measured) <= {"aten.mm", "aten.addmm", "aten.convolution"}, measured
+        linear = sum(measured.values())
+        formula_linear = flops.batch_flops(without_attention, batch, model.config)
+        formula_attention = flops.batch_flops(shape, batch, model.config) - formula_linear
+        # The formula counts every parameter as a matmul weight (biases and norm weights too: 1-2% of these tiny
+        # models) and an input gradient for every frozen layer (the projector's first takes none: its input comes
+        # from the frozen tower), so it may only exceed what runs, and by little.
+        assert 0.98 * formula_linear <= linear <= formula_linear, (linear, formula_linear)
+        # Eager attention computes all n x n query-key pairs and a causal decoder needs the n(n+1)/2 the formula
+        # counts (the vision tower's are all needed): the measured count lies between 1x and 2x the formula's.
+        assert formula_attention < attention <= 2 * formula_attention, (attention, formula_attention)
 
 
 def test_model_shape_counts_every_matmul_weight_once_and_batch_flops_reads_the_batch(tmp_path):
@@ -337,7 +358,7 @@ def test_no_mfu_off_cuda(tmp_path):
     run = prepare(tiny_recipe("qwen2_vl", tmp_path, "training.max_steps=1"))
     run.trainer.train()
     facts = run.trainer.throughput(1.0)
-    assert facts["tokens"] > 0 and "mfu" not in facts and run.trainer.model_flops == 0.0
+    assert facts["tokens"] > 0 and "mfu" not in facts and run.trainer.counts.model_flops == 0.0
 
 
 # --- Liger -----------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
+import conftest
 from conftest import ROOT
 from finetune import zoo
 from finetune.batching.collate import ChatCollator
@@ -98,16 +99,11 @@ def trained(tmp_path_factory):
     from finetune.training.pipeline import prepare, save
 
     out = tmp_path_factory.mktemp("gpu") / "run"
-    recipe = load_recipe({
-        "model": {"name_or_path": "zoo:qwen2_5_vl", "dtype": DTYPE, "attn_implementation": "sdpa"},
-        "data": {"path": str(DATA), "format": "chartqa", "max_samples": 4, "system_prompt": ""},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "evaluation": {"enabled": False},
+    recipe = load_recipe(conftest.tiny_recipe(
+        out, model={"name_or_path": "zoo:qwen2_5_vl", "dtype": DTYPE, "attn_implementation": "sdpa"},
+        data={"system_prompt": ""}, lora={"r": 8, "alpha": 16},
         # 4 rows, batch 4: every step sees the same batch, so the loss must fall step after step.
-        "training": {"output_dir": str(out), "max_steps": 20, "per_device_train_batch_size": 4,
-                     "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "bf16": CUDA,
-                     "activation_checkpointing": True, "seed": 0, "dataloader_num_workers": 0},
-    })
+        training={"max_steps": 20, "per_device_train_batch_size": 4, "bf16": CUDA, "activation_checkpointing": True}))
     run = prepare(recipe)
     started = time.time()
     result = run.trainer.train()
@@ -209,7 +205,7 @@ def test_packed_rows_train_as_unpacked_on_the_gpu(attn, tmp_path, record):
                               f"model.attn_implementation={attn.removesuffix('_varlen')}", f"model.dtype={dtype}"))
     tolerance = ((2e-2, 2e-2), (5e-2, 1e-3)) if flash or varlen else ((1e-5, 1e-6), (1e-4, 1e-7))
     relative = check_packing_is_exact(run, [2, 1], *tolerance)
-    calls = dict(run.trainer.packed_attention)
+    calls = dict(run.trainer.counts.packed_attention)
     if varlen:
         assert calls["varlen"] > 0 and calls["per_sample"] == 0, calls
     record(attn=attn, dtype=dtype, loss_relative_difference=relative, packed_attention_calls=calls)

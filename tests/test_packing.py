@@ -145,7 +145,7 @@ def check_packing_is_exact(run, sizes, loss_tolerance=(1e-5, 1e-6), grad_toleran
             torch.testing.assert_close(g_packed, g_unpacked, rtol=rtol, atol=atol)
         # On CUDA in half precision the decoder attends through the varlen kernel (finetune.training.attention):
         # SDPA never sees the samples then.
-        if not flash and not trainer.packed_attention["varlen"]:  # per sample first, then over whole rows
+        if not flash and not trainer.counts.packed_attention["varlen"]:  # per sample first, then over whole rows
             assert (set(lengths) <= set(queries)) == (attention is per_sample), (lengths, sorted(set(queries)))
             if rows.shape[1] not in lengths:  # (a row of one sample is as long as that sample)
                 assert (rows.shape[1] in queries) == (attention is not per_sample)
@@ -215,7 +215,7 @@ def test_training_with_packing_learns_and_reports_real_tokens(tmp_path):
     run.trainer.train()
     losses = [e["loss"] for e in run.trainer.state.log_history if "loss" in e]
     assert losses[-1] < losses[0], losses
-    samples, tokens, positions = run.trainer.seen.tolist()
+    samples, tokens, positions = run.trainer.counts.seen.tolist()
     packs = len(run.trainer.train_dataset)
     assert 4 % packs == 0 and samples == 4 * 4 // packs  # 4 steps of one pack: every pack of each epoch
     assert tokens == run.trainer._total_train_tokens  # TRL's num_tokens counts real tokens, not positions

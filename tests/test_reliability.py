@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers.trainer_pt_utils import safe_globals
 
 import finetune
-from conftest import ROOT
+from conftest import ROOT, tiny_recipe
 from finetune.training.checkpoints import MARKER, STAGING, CheckpointError, is_complete, resume_point
 from finetune.training.guards import HealthMonitor, TrainingHealthError
 from finetune.training.pipeline import prepare
@@ -25,18 +25,11 @@ from finetune.recipe import RecipeError, load_recipe
 
 
 def recipe(out: Path, **training) -> dict:
-    return {
-        "model": {"name_or_path": "zoo:qwen2_vl", "dtype": "float32"},
-        "data": {"path": str(ROOT / "data/chartqa-tiny"), "format": "chartqa", "max_samples": 12,
-                 "system_prompt": ""},
+    return tiny_recipe(
+        out, data={"max_samples": 12, "system_prompt": ""},
         # Dropout on, so an exact resume also needs the RNG state restored.
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
-        "training": {"output_dir": str(out), "max_steps": 5, "per_device_train_batch_size": 2,
-                     "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "steps", "save_steps": 1,
-                     "bf16": False, "activation_checkpointing": False, "seed": 0, "dataloader_num_workers": 0,
-                     "disable_tqdm": True, **training},
-        "evaluation": {"enabled": False},
-    }
+        lora={"dropout": 0.1},
+        training={"max_steps": 5, "save_strategy": "steps", "save_steps": 1, "disable_tqdm": True, **training})
 
 
 def losses(out: Path) -> list[float]:
@@ -144,7 +137,8 @@ def test_failed_save_keeps_the_previous_checkpoint_byte_identical(tmp_path, monk
     assert f"the previous checkpoint {out / 'checkpoint-2'} is intact" in str(e.value)
     assert "free some disk space" in str(e.value)
     assert before and digest(out / "checkpoint-2") == before
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2"], "no partial files left"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2", "train_log.jsonl"], \
+        "no partial files left"
 
 
 def poison_loss_at(monkeypatch, step: int):
@@ -165,7 +159,7 @@ def test_nan_loss_stops_within_the_step_and_writes_nothing_after_it(tmp_path, mo
     poison_loss_at(monkeypatch, 3)
     with pytest.raises(TrainingHealthError, match="loss is nan at step 3: training stopped before applying it"):
         finetune.train(recipe(out))
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2", "train_log.jsonl"]
     weights = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
 
@@ -194,7 +188,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     run.trainer.add_callback(Poison())
     with pytest.raises(TrainingHealthError, match="is not finite after step 2; refusing to write checkpoint-2"):
         run.trainer.train()
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "train_log.jsonl"]
 
 
 def test_existing_output_folder_is_refused_with_a_resume_hint(tmp_path):
@@ -261,7 +255,7 @@ def test_non_finite_gradient_stops_before_the_optimizer_step(tmp_path):
     run.trainer.add_callback(InfGradient())
     with pytest.raises(TrainingHealthError, match=r"gradient norm is (inf|nan) at step 2"):
         run.trainer.train()
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "train_log.jsonl"]
 
 
 def test_gradient_norm_spikes_are_reported(capsys):

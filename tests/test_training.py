@@ -5,7 +5,7 @@ import pytest
 import torch
 import trl.trainer.utils as trl_utils
 
-from conftest import ROOT
+import conftest
 from finetune import zoo
 from finetune.models.lora import group_of
 from finetune.recipe import load_recipe
@@ -13,15 +13,9 @@ from finetune.training.pipeline import prepare
 
 
 def tiny_recipe(family, tmp_path, *extra):
-    return load_recipe({
-        "model": {"name_or_path": f"zoo:{family}", "dtype": "float32"},
-        "data": {"path": str(ROOT / "data/chartqa-tiny"), "format": "chartqa", "max_samples": 4, "system_prompt": ""},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "per_device_train_batch_size": 2,
-                     "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "bf16": False,
-                     "activation_checkpointing": False, "report_to": "none", "seed": 0,
-                     "dataloader_num_workers": 0},
-    }, list(extra))
+    return load_recipe(conftest.tiny_recipe(
+        tmp_path / "run", without=["evaluation"], model={"name_or_path": f"zoo:{family}"},
+        data={"system_prompt": ""}, training={"max_steps": 3, "report_to": "none"}), list(extra))
 
 
 def base_name(name):

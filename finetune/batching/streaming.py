@@ -133,6 +133,20 @@ class StreamingRows(torch.utils.data.IterableDataset):
                  for position, problem in item["dropped"]]
         return self.collator(rows)
 
+    def dataloader(self, args) -> torch.utils.data.DataLoader:
+        """The loader of this stream under TrainingArguments `args`. The stream is split across ranks and batched
+        here: accelerate must not shard it again (it would read every row on every rank and keep every
+        world_size-th batch)."""
+        workers = args.dataloader_num_workers
+        return torch.utils.data.DataLoader(
+            self, batch_size=None, collate_fn=self.collate, num_workers=workers,
+            pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
+            persistent_workers=args.dataloader_persistent_workers and workers > 0,
+            prefetch_factor=args.dataloader_prefetch_factor if workers > 0 else None,
+            # Its own generator: a new iterator must not draw from the global RNG, or a resumed run (which restores
+            # that RNG before creating the iterator) would continue with other dropout masks.
+            generator=torch.Generator().manual_seed(args.seed))
+
 
 def streamed(recipe, family, collator, measurer, start_step: int = 0):
     """The training stream for `recipe`, and the pre-flight report and chat rows of its first `data.preview_rows`

@@ -37,7 +37,7 @@ class GenerationEvalCallback:
 
     def run(self, step: int, model) -> float:
         model.eval()
-        with self.trainer.outside_training():
+        with self.trainer.counts.outside_training():
             value, _ = score(self.target, self.items, self.metric, self.batch_size, self.max_new_tokens,
                              desc=f"eval @ step {step}")
         # Logged in eval mode, so TRL does not move the training step's own metrics (entropy, token accuracy)

@@ -8,6 +8,8 @@ does not exist: a process killed mid-write leaves only `.partial/`, which resume
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -61,6 +63,53 @@ def commit(staging: Path, final: Path) -> None:
     else:
         staging.rename(final)
     _fsync(final.parent)
+
+
+@contextlib.contextmanager
+def staged(trainer, run_dir: Path):
+    """The checkpoint of this step, written in the block into the folder yielded (`run_dir/.partial/checkpoint-N`),
+    then committed as `run_dir/checkpoint-N` and old ones rotated, on every rank together. A failed write keeps
+    nothing of it and raises a CheckpointError saying the previous checkpoint is intact."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+    args, wait = trainer.args, trainer.accelerator.wait_for_everyone
+    name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    staging, final = run_dir / STAGING, run_dir / name
+    if args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    wait()
+    try:
+        yield staging
+        wait()
+        if args.should_save:
+            commit(staging / name, final)
+            shutil.rmtree(staging)
+    except OSError as e:
+        previous = newest_complete(run_dir)
+        if args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        hint = "free some disk space, then " if e.errno == errno.ENOSPC else ""
+        raise CheckpointError(f"saving {name} failed ({e.strerror or e}); nothing of it was kept and {kept}. "
+                              f"{hint}resume with training.resume=auto") from e
+    state = trainer.state
+    if state.best_model_checkpoint:
+        state.best_model_checkpoint = state.best_model_checkpoint.replace(str(staging), str(run_dir))
+    if args.should_save:
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=args.save_total_limit,
+                           best_model_checkpoint=state.best_model_checkpoint)
+    wait()
+
+
+@contextlib.contextmanager
+def trainable_dtypes_kept(model):
+    """Trainable weights keep their dtype through a load in the block: peft upcasts adapters it loads to float32,
+    and TRL keeps QLoRA adapters in bfloat16, so a resumed run would drift from the uninterrupted one."""
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    yield
+    for name, param in model.named_parameters():
+        if name in dtypes and param.dtype != dtypes[name]:
+            param.data = param.data.to(dtypes[name])
 
 
 def is_complete(path: Path) -> bool:

@@ -41,10 +41,14 @@ class HealthMonitor:
             return True
         return self._nonfinite("loss", value, step)
 
-    def check_grad_norm(self, norm: float | None, step: int) -> bool:
+    def check_grad_norm(self, norm: float | None, step: int, loss_scaled: bool = False) -> bool:
+        """True when the optimizer may apply this step's gradients; raises (stop) or returns False (skip) when not.
+        `loss_scaled` (fp16): an inf norm is routine, the scaler skips that step and lowers the scale itself."""
         if norm is None:
             return True
         norm = float(norm)
+        if loss_scaled and not math.isfinite(norm):
+            return True
         if not math.isfinite(norm):
             return self._nonfinite("gradient norm", norm, step)
         recent = self.norms[-self.window:]
@@ -72,6 +76,35 @@ class HealthMonitor:
 
     def summary(self) -> dict:
         return {"skipped_batches": self.skipped, "grad_norm_spikes": self.spikes}
+
+
+STAND_IN, NONFINITE = "stand-in batch", "non-finite loss"
+
+
+def must_skip(loss: torch.Tensor, stand_in: bool, health: HealthMonitor, step: int) -> str | None:
+    """None to train on this micro-batch's loss; why to skip it (STAND_IN: no row of it could be decoded, or
+    NONFINITE under guards.on_nonfinite: skip); raises to stop. Every rank agrees: a loss not finite on one rank, or
+    a stand-in batch on one, makes every rank stop or skip together. Checked before backward, so a NaN never
+    reaches the gradients."""
+    verdict = torch.tensor([int(torch.isfinite(loss.detach()).all()), int(not stand_in)], dtype=torch.int32,
+                           device=loss.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MIN)
+    finite, real = (bool(v) for v in verdict.tolist())
+    if not real:
+        return STAND_IN
+    if finite:
+        return None
+    local = float(loss.detach().float().sum())
+    # Finite here but not on another rank: report NaN, so that every rank stops (or skips) together.
+    health.check_loss(local if not math.isfinite(local) else float("nan"), step)  # raises unless on_nonfinite: skip
+    return NONFINITE
+
+
+def zero_loss(model: torch.nn.Module) -> torch.Tensor:
+    """A zero loss that still reaches every trainable weight, so backward gives exactly zero gradients (a skipped
+    micro-batch; every rank still takes part in the gradient collectives)."""
+    return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
 
 
 def refuse_nonfinite_weights(model: torch.nn.Module, step: int) -> None:
