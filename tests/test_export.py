@@ -11,6 +11,7 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import conftest
 from conftest import ROOT
 from finetune import cli
 from finetune.export.card import render_card
@@ -26,18 +27,11 @@ CHART = ROOT / "data/chartqa-tiny/images/test-0000.png"
 
 
 def tiny_recipe(family, out, qlora=False, *extra):
-    return load_recipe({
-        "model": {"name_or_path": f"zoo:{family}:tiny", "dtype": "float32"},
-        "data": {"path": str(ROOT / "data/chartqa-tiny"), "format": "chartqa", "max_samples": 4,
-                 "system_prompt": "", "eval_split": "test"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "quantization": {"load_in_4bit": qlora},
-        "evaluation": {"enabled": False},
-        # LoRA B starts at zero: a high learning rate makes the adapter change the logits visibly in 2 steps.
-        "training": {"output_dir": str(out), "max_steps": 2, "per_device_train_batch_size": 2,
-                     "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "bf16": False,
-                     "activation_checkpointing": False, "seed": 0, "dataloader_num_workers": 0},
-    }, list(extra))
+    # LoRA B starts at zero: the tiny recipe's high learning rate (1e-2) makes the adapter change the logits visibly
+    # in its 2 steps.
+    return load_recipe(conftest.tiny_recipe(
+        out, model={"name_or_path": f"zoo:{family}:tiny"}, data={"system_prompt": "", "eval_split": "test"},
+        quantization={"load_in_4bit": qlora}), list(extra))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, tiny_recipe
 from finetune import cli
 from finetune.export import ExportError, ParityError
 from finetune.export.gguf import check_tokenizer, export_gguf, image_token_limits
@@ -27,16 +27,10 @@ GGUF_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm"]
 
 
 def recipe(family, out, *extra):
-    return load_recipe({
-        "model": {"name_or_path": f"zoo:{family}:small", "dtype": "float32"},
-        "data": {"path": str(ROOT / "data/chartqa-tiny"), "format": "chartqa", "max_samples": 24,
-                 "eval_split": "test"},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "evaluation": {"enabled": False},
-        "training": {"output_dir": str(out), "max_steps": 6, "per_device_train_batch_size": 4,
-                     "learning_rate": 5e-3, "logging_steps": 1, "save_strategy": "no", "bf16": False,
-                     "activation_checkpointing": False, "seed": 0, "dataloader_num_workers": 0},
-    }, list(extra))
+    return load_recipe(tiny_recipe(
+        out, model={"name_or_path": f"zoo:{family}:small"}, data={"max_samples": 24, "eval_split": "test"},
+        lora={"r": 8, "alpha": 16}, training={"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 5e-3}),
+        list(extra))
 
 
 @pytest.fixture(scope="module")

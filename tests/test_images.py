@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import finetune
-from conftest import image
+from conftest import image, tiny_recipe
 from finetune.data.images import BadMedia, load_image
 from finetune.training.pipeline import load_processing, scanned
 from finetune.recipe import RecipeError, load_recipe
@@ -73,15 +73,13 @@ EXPECTED_DROPS = {"truncated": [7, 16], "empty file": [8], "not an image": [9], 
 
 
 def fuzz_recipe(root, tmp_path, **data):
-    return load_recipe({
-        "model": {"name_or_path": "zoo:qwen2_vl", "dtype": "float32"},
-        "data": {"path": str(root), "format": "vqa", "columns": {"image": "picture", "question": "q"},
-                 "pixel_limit": PIXEL_LIMIT, **data},
-        "lora": {"r": 4, "alpha": 8},
-        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "per_device_train_batch_size": 2,
-                     "bf16": False, "logging_steps": 1, "save_strategy": "no", "dataloader_num_workers": 0},
-        "evaluation": {"enabled": False},
-    })
+    # finetune's own defaults for the keys left out, as these runs always had them
+    return load_recipe(tiny_recipe(
+        tmp_path / "run", without=["data.max_samples", "lora.dropout", "training.learning_rate",
+                                   "training.activation_checkpointing", "training.seed"],
+        data={"path": str(root), "format": "vqa", "columns": {"image": "picture", "question": "q"},
+              "pixel_limit": PIXEL_LIMIT, **data},
+        training={"max_steps": 1}))
 
 
 DECODE_ONLY = {"truncated": [7, 16]}  # a good header in front of broken pixel data

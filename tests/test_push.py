@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import finetune
+import conftest
 from conftest import ROOT
 from finetune.export.card import render_card
 from finetune.export.hub import HubError, transient, with_retries
@@ -26,16 +27,10 @@ ADAPTER_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors"
 
 
 def tiny_recipe(out, *extra):
-    return load_recipe({
-        "model": {"name_or_path": "zoo:qwen2_vl:tiny", "dtype": "float32"},
-        "data": {"path": str(ROOT / "data/chartqa-tiny"), "format": "chartqa", "max_samples": 4,
-                 "system_prompt": "", "eval_split": "test"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "evaluation": {"limit": 4, "max_new_tokens": 4, "batch_size": 4},
-        "training": {"output_dir": str(out), "max_steps": 2, "per_device_train_batch_size": 2,
-                     "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "bf16": False,
-                     "activation_checkpointing": False, "seed": 0, "dataloader_num_workers": 0},
-    }, list(extra))
+    return load_recipe(conftest.tiny_recipe(
+        out, without=["evaluation.enabled"], model={"name_or_path": "zoo:qwen2_vl:tiny"},
+        data={"system_prompt": "", "eval_split": "test"},
+        evaluation={"limit": 4, "max_new_tokens": 4, "batch_size": 4}), list(extra))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import image
+from conftest import image, tiny_recipe
 from finetune.training.pipeline import prepare
 from finetune.recipe import load_recipe
 from finetune.batching.scan import DataRefused
@@ -32,12 +32,13 @@ def chat_rows(tmp_path, n_long=2, n_empty=1, n_ok=5):
 
 
 def recipe(tmp_path, data_path, *overrides):
-    return load_recipe({
-        "model": {"name_or_path": "zoo:qwen2_vl", "dtype": "float32"},
-        "data": {"path": str(data_path), "format": "messages"},
-        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "bf16": False, "max_length": 60,
-                     "activation_checkpointing": False, "per_device_train_batch_size": 2},
-    }, list(overrides))
+    # finetune's own defaults for the keys and sections left out, as these runs always had them
+    return load_recipe(tiny_recipe(
+        tmp_path / "run", without=["data.max_samples", "lora", "evaluation", "training.learning_rate",
+                                   "training.logging_steps", "training.save_strategy", "training.seed",
+                                   "training.dataloader_num_workers"],
+        data={"path": str(data_path), "format": "messages"}, training={"max_steps": 1, "max_length": 60}),
+        list(overrides))
 
 
 def test_too_long_and_unsupervised_rows_are_dropped_and_reported(tmp_path):

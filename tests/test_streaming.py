@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune
-from conftest import ROOT, image
+from conftest import ROOT, image, tiny_recipe
 from finetune.recipe import RecipeError, load_recipe
 
 SAMPLE = ROOT / "data/chartqa-tiny"
@@ -41,17 +41,13 @@ def stream_file(tmp_path, rows: int = 40):
 
 
 def stream_recipe(data, out, **training):
-    return {
-        "model": {"name_or_path": "zoo:qwen2_vl", "dtype": "float32"},
-        "data": {"path": str(data), "format": "messages", "streaming": True, "allow_external_paths": True,
-                 "preview_rows": 12, "shuffle_buffer": 16},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
-        "training": {"output_dir": str(out), "max_steps": 6, "per_device_train_batch_size": 2,
-                     "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "steps", "save_steps": 1,
-                     "bf16": False, "activation_checkpointing": False, "seed": 0, "dataloader_num_workers": 0,
-                     "max_length": 60, "disable_tqdm": True, **training},
-        "evaluation": {"enabled": False},
-    }
+    return tiny_recipe(
+        out, without=["data.max_samples"],
+        data={"path": str(data), "format": "messages", "streaming": True, "allow_external_paths": True,
+              "preview_rows": 12, "shuffle_buffer": 16},
+        lora={"dropout": 0.1},
+        training={"max_steps": 6, "save_strategy": "steps", "save_steps": 1, "max_length": 60, "disable_tqdm": True,
+                  **training})
 
 
 def test_streaming_needs_max_steps(tmp_path):
