@@ -108,10 +108,15 @@ def test_the_lm_head_runs_only_where_the_loss_is_with_the_full_loss_and_gradient
     fused_grads = torch.autograd.grad(fused, params)
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits.float()
+    moe = bool(run.family.experts)
+    outputs = model(**inputs, use_cache=False, **({"output_router_logits": True} if moe else {}))
+    logits = outputs.logits.float()
     labels = batch["labels"][:, 1:]
     full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                              ignore_index=-100)
+    if moe:  # the router's load-balancing loss is trained, at the config's coefficient
+        assert trainer.router_aux_loss_coef == model.config.get_text_config().router_aux_loss_coef == 0.001
+        full = full + trainer.router_aux_loss_coef * outputs.aux_loss
     full_grads = torch.autograd.grad(full, params)
 
     supervised = int((labels != -100).sum())
@@ -119,7 +124,8 @@ def test_the_lm_head_runs_only_where_the_loss_is_with_the_full_loss_and_gradient
     assert projected == [supervised], "on the CPU too, the head projects the supervised positions only"
     assert torch.allclose(fused, full, rtol=1e-5, atol=1e-6), (fused.item(), full.item())
     for g_fused, g_full in zip(fused_grads, full_grads):
-        assert torch.allclose(g_fused, g_full, rtol=1e-4, atol=1e-7)
+        # to 1e-5 of the tensor's largest gradient (elementwise rtol fails on float32 noise near zero: Gemma 4)
+        assert (g_fused - g_full).abs().max() <= 1e-5 * g_full.abs().max() + 1e-9
 
 
 def test_a_run_continued_from_an_adapter_reports_that_adapter_as_its_before(tmp_path):

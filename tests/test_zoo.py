@@ -9,6 +9,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import REPLIES, image, two_turn
 from finetune import zoo
+from finetune.batching.template import template_traits
 from finetune.models.families import FAMILIES
 
 QWEN_IDS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -27,6 +28,15 @@ EXPECTED = {
                {"image_token_id": "<image_soft_token>", "boi_token_index": "<start_of_image>",
                 "eoi_token_index": "<end_of_image>"}),
     "mllama": ("MllamaProcessor", "MllamaForConditionalGeneration", {"image_token_id": "<|image|>"}),
+    "qwen3_vl_moe": ("Qwen3VLProcessor", "Qwen3VLMoeForConditionalGeneration", QWEN_IDS),
+    "qwen3_5": ("Qwen3VLProcessor", "Qwen3_5ForConditionalGeneration", QWEN_IDS),
+    "qwen3_5_moe": ("Qwen3VLProcessor", "Qwen3_5MoeForConditionalGeneration", QWEN_IDS),
+    "gemma3n": ("Gemma3nProcessor", "Gemma3nForConditionalGeneration",
+                {"image_token_id": "<image_soft_token>", "boi_token_id": "<start_of_image>",
+                 "eoi_token_id": "<end_of_image>", "audio_token_id": "<audio_soft_token>"}),
+    "gemma4": ("Gemma4Processor", "Gemma4ForConditionalGeneration",
+               {"image_token_id": "<|image|>", "boi_token_id": "<|image>", "eoi_token_id": "<image|>",
+                "video_token_id": "<|video|>"}),
 }
 
 
@@ -73,9 +83,11 @@ def test_saved_checkpoint_loads_as_the_real_family(family, cache):
     assert "Answer briefly." in text and text.count(processor.image_token) == 1
     for reply in REPLIES:
         assert reply + FAMILIES[family].end_of_turn in text
-    # The generation prompt is exactly what precedes the last reply.
+    # The generation prompt is exactly what precedes the last reply (after the template's reply lead: Qwen3.5's
+    # closed think block, which the model generates).
     prompt = processor.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    assert text.startswith(prompt) and text[len(prompt):].lstrip().startswith(REPLIES[-1])
+    lead = template_traits(processor, FAMILIES[family]).reply_lead
+    assert text.startswith(prompt) and text[len(prompt):].lstrip().removeprefix(lead.lstrip()).startswith(REPLIES[-1])
 
     inputs = processor.apply_chat_template(with_images(messages), tokenize=True, return_dict=True,
                                            return_tensors="pt")

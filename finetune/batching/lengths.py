@@ -75,9 +75,10 @@ class Measurer:
         if not sizes:
             return
         processor, how = self.processor, self.family.image_expansion
-        if how == "count":
+        if how in ("count", "soft_tokens"):
             counts = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in sizes])["num_image_tokens"]
-            texts = [processor.image_token * int(count) for count in counts]
+            texts = [processor.image_token * int(count) if how == "count" else
+                     processor.replace_image_token({"num_soft_tokens_per_image": [int(count)]}, 0) for count in counts]
         elif how == "tiles":
             patches = [processor.image_processor.get_number_of_image_patches(h, w, {}) for w, h in sizes]
             texts = [processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0) for _, rows, cols in patches]

@@ -39,7 +39,8 @@ class Family:
     #: What an image placeholder becomes, as a function of the image's size (how the pre-flight scan measures rows
     #: without decoding images): `count` = the image token repeated as often as the processor's
     #: `_get_num_multimodal_tokens` says; `tiles` = the processor's row/column tile text for the
-    #: `get_number_of_image_patches` split; `fixed` = the same text for every image.
+    #: `get_number_of_image_patches` split; `soft_tokens` = that count, wrapped as the processor's
+    #: `replace_image_token` wraps it (Gemma 4's boundary tokens); `fixed` = the same text for every image.
     image_expansion: str = "count"
     #: The processor takes `videos=` and the template renders `{"type": "video"}`; otherwise videos become frames.
     video_input: bool = False
@@ -76,6 +77,20 @@ class Family:
     #: `text_config`), and tensor-name prefixes it knows under their transformers 4 names (old, new).
     gguf_text_architecture: str = ""
     gguf_renames: tuple[tuple[str, str], ...] = ()
+    #: Mixture-of-experts: module-path regex of the routers (top-k gates, Qwen3.5's shared-expert gate). They are
+    #: never adapted and never quantized (a 4-bit router changes which experts a token reaches).
+    router: str = ""
+    #: Module-path regex of the expert blocks: fused experts (3-D parameters `expert_parameters`, adapted through
+    #: peft `target_parameters`) and shared experts (Linear modules). Adapted only with `lora.experts: true`.
+    experts: str = ""
+    expert_parameters: tuple[str, ...] = ()
+    #: The decoder Linear modules LoRA adapts, by their last name ("" = all): Gemma 3n / Gemma 4 keep AltUp,
+    #: LAuReL and the per-layer-input projections frozen (small gating maps, several of which see no gradient
+    #: through their clamps and sparse activations), as peers adapt only attention and MLP projections there.
+    decoder_linears: str = ""
+    #: Module-path regex of an audio encoder and its projector (Gemma 3n, Gemma 4): never adapted, never quantized;
+    #: rows with audio are refused (finetune trains image-text data).
+    audio: str = ""
     notes: str = ""
 
     def method_refusal(self, method: str) -> str:
@@ -84,7 +99,7 @@ class Family:
 
     def quantization_skip(self) -> list[str]:
         """Modules bitsandbytes must keep in full precision: vision tower, projector and the LM head."""
-        return [self.vision, self.projector, "lm_head"]
+        return [self.vision, self.projector, "lm_head"] + [p for p in (self.router, self.audio) if p]
 
 
 # PaliGemma checkpoints ship no chat template: they are prompted "<image>...<bos>{prefix}\n" and answer
@@ -109,6 +124,14 @@ PALIGEMMA_TEMPLATE = (
 _LLAVA_IMAGE = r"<image>"
 _QWEN_IMAGE = r"<\|(?:image_pad|video_pad|vision_start|vision_end)\|>"
 _IDEFICS_IMAGE = r"<image>|<fake_token_around_image>|<global-img>|<row_\d+_col_\d+>"
+_GEMMA3_IMAGE = r"<start_of_image>|<end_of_image>|<image_soft_token>"
+# Qwen3.5 decoders: 3 of every 4 layers are gated DeltaNet (linear attention with a causal conv and a recurrent state).
+_DELTANET_PACKING = (
+    "its gated DeltaNet layers carry a causal-conv and recurrent state from token to token, and transformers' torch "
+    "path (torch_chunk_gated_delta_rule, causal_conv1d_fn) ignores the pack's cu_seqlens: a packed sequence would "
+    "start from the state of the one before it")
+_FUSED = ("gate_up_proj", "down_proj")
+_ATTENTION_AND_MLP = r"q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 
 FAMILIES: dict[str, Family] = {
     "llava": Family(
@@ -162,6 +185,32 @@ FAMILIES: dict[str, Family] = {
         vision_varlen=True,
         notes="DeepStack mergers feed intermediate vision features into early decoder layers; they are projectors.",
     ),
+    "qwen3_vl_moe": Family(
+        name="Qwen3-VL-MoE",
+        decoder=r"model\.language_model", projector=r"model\.visual\.(?:merger|deepstack_merger_list)",
+        vision=r"model\.visual",
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True, gguf_image_tokens="pixels",
+        vision_varlen=True, router=r"model\.language_model\.layers\.\d+\.mlp\.gate",
+        experts=r"model\.language_model\.layers\.\d+\.mlp\.experts", expert_parameters=_FUSED,
+        notes="Qwen3-VL with fused experts (no shared expert); the top-k router stays frozen and unquantized.",
+    ),
+    "qwen3_5": Family(
+        name="Qwen3.5",
+        decoder=r"model\.language_model", projector=r"model\.visual\.merger", vision=r"model\.visual",
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True, gguf_image_tokens="pixels",
+        vision_varlen=True, no_packing=_DELTANET_PACKING,
+        notes="Natively multimodal; decoder layers mix gated DeltaNet (3 of 4) and full attention. The 4B and larger "
+              "templates open every reply with <think>: set model.chat_template_kwargs.enable_thinking.",
+    ),
+    "qwen3_5_moe": Family(
+        name="Qwen3.5-MoE",
+        decoder=r"model\.language_model", projector=r"model\.visual\.merger", vision=r"model\.visual",
+        image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True, gguf_image_tokens="pixels",
+        vision_varlen=True, no_packing=_DELTANET_PACKING,
+        router=r"model\.language_model\.layers\.\d+\.mlp\.(?:gate|shared_expert_gate)",
+        experts=r"model\.language_model\.layers\.\d+\.mlp\.(?:experts|shared_expert)", expert_parameters=_FUSED,
+        notes="Fused experts plus a shared expert per layer; the shared expert's sigmoid gate is a router.",
+    ),
     "paligemma": Family(
         name="PaliGemma / PaliGemma 2",
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
@@ -174,10 +223,29 @@ FAMILIES: dict[str, Family] = {
     "gemma3": Family(
         name="Gemma 3",
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
-        image_tokens=r"<start_of_image>|<end_of_image>|<image_soft_token>", end_of_turn="<end_of_turn>",
+        image_tokens=_GEMMA3_IMAGE, end_of_turn="<end_of_turn>",
         projector_parameters=("model.multi_modal_projector.mm_input_projection_weight",), image_expansion="fixed",
         bidirectional_images=True, gguf_renames=(("vision_tower.", "vision_tower.vision_model."),),
         notes="`processor.image_token_id` is <start_of_image>, not the soft token; the projector is a raw parameter.",
+    ),
+    "gemma3n": Family(
+        name="Gemma 3n",
+        decoder=r"model\.language_model", projector=r"model\.embed_vision", vision=r"model\.vision_tower",
+        image_tokens=_GEMMA3_IMAGE, end_of_turn="<end_of_turn>", image_expansion="fixed",
+        audio=r"model\.(?:audio_tower|embed_audio)", decoder_linears=_ATTENTION_AND_MLP,
+        no_packing="not shown exact: with padding after a row's last sample, the padding tokens (each a sequence of "
+                   "its own) give NaN LoRA gradients through Gemma 3n's decoder although every logit is finite "
+                   "(tests/test_packing.py, two-row case); unpacked batches train exactly",
+        notes="MobileNetV5 vision tower built through timm (installed by setup). Per-layer embeddings, AltUp and "
+              "LAuReL in the decoder; the audio tower stays frozen and rows with audio are refused.",
+    ),
+    "gemma4": Family(
+        name="Gemma 4",
+        decoder=r"model\.language_model", projector=r"model\.embed_vision", vision=r"model\.vision_tower",
+        image_tokens=r"<\|image>|<image\|>|<\|image\|>", end_of_turn="<turn|>", image_expansion="soft_tokens",
+        audio=r"model\.(?:audio_tower|embed_audio)", decoder_linears=_ATTENTION_AND_MLP,
+        notes="Variable image token budget (max_soft_tokens); native system turn; thinking is off unless the "
+              "system turn starts with <|think|>. The audio tower stays frozen and rows with audio are refused.",
     ),
     "mllama": Family(
         name="Llama 3.2 Vision (Mllama)",

@@ -92,8 +92,20 @@ def choose_chat_template(processor, cfg, family: Family | None) -> None:
             raise RecipeError(
                 f"model.chat_template: {cfg.name_or_path} has no chat template and finetune has no default one for "
                 f"{name}; write the prompt format as a Jinja template file and set model.chat_template to its path")
+    if cfg.chat_template_kwargs:
+        processor.chat_template = pin_template_variables(processor.chat_template, cfg.chat_template_kwargs)
     # The tokenizer keeps its own copy; one template for both, so no code path can render with another.
     processor.tokenizer.chat_template = processor.chat_template
+
+
+def pin_template_variables(template: str, variables: dict) -> str:
+    """The template with `model.chat_template_kwargs` set at its top (`{%- set enable_thinking = false -%}`), so
+    the run's saved template renders as trained wherever it goes: predict, serve, merged exports, vLLM, llama.cpp.
+    A variable set here wins over one passed at render time. Setting the same variables again changes nothing."""
+    import json
+
+    header = "".join(f"{{%- set {key} = {json.dumps(value)} -%}}\n" for key, value in sorted(variables.items()))
+    return template if template.startswith(header) else header + template
 
 
 def compute_dtype(name: str) -> torch.dtype:

@@ -44,6 +44,11 @@ def plan_lora(model, family: Family, cfg) -> LoraPlan:
         return LoraPlan(modules=_group(chosen, family), parameters=[])
     modules: dict[str, list[str]] = {}
     parameters: list[str] = []
+    if cfg.experts:
+        if not family.experts:
+            raise RecipeError(f"lora.experts: {family.name} has no mixture-of-experts layers; remove lora.experts")
+        modules["experts"] = [n for n in linear if group_of(n, family) == "experts"]
+        parameters = expert_parameters(model, family)
     for group in cfg.targets:
         names = [n for n in linear if group_of(n, family) == group]
         if group == "projector" and family.projector_parameters:
@@ -51,20 +56,35 @@ def plan_lora(model, family: Family, cfg) -> LoraPlan:
                 raise RecipeError(
                     f"lora.dropout: {family.name}'s projector is a raw weight, which peft adapts (target_parameters) "
                     f"only without dropout; set lora.dropout: 0, or leave projector out of lora.targets")
-            parameters = list(family.projector_parameters)
+            parameters += list(family.projector_parameters)
         elif not names:
             raise RecipeError(f"lora.targets: '{group}' matches no Linear module of this {family.name} model")
         modules[group] = names
     return LoraPlan(modules=modules, parameters=parameters)
 
 
+def expert_parameters(model, family: Family) -> list[str]:
+    """Full names of the fused 3-D expert weights (peft `target_parameters`), read off the model."""
+    return [name for name, _ in model.named_parameters()
+            if name.rpartition(".")[2] in family.expert_parameters and matches(family.experts, name.rpartition(".")[0])]
+
+
 def group_of(module_name: str, family: Family) -> str | None:
-    """decoder / projector / vision / None for a module path (projector wins over vision: it may live inside it)."""
+    """router / experts / decoder / projector / vision / None for a module path (projector wins over vision: it
+    may live inside it; routers and experts over the decoder they live in)."""
+    if family.router and matches(family.router, module_name):
+        return "router"
+    if family.experts and matches(family.experts, module_name):
+        return "experts"
+    if family.audio and matches(family.audio, module_name):
+        return "audio"
     if matches(family.projector, module_name):
         return "projector"
     if matches(family.vision, module_name):
         return "vision"
     if matches(family.decoder, module_name):
+        if family.decoder_linears and not re.search(rf"\.(?:{family.decoder_linears})(?:\.|$)", module_name):
+            return None
         return "decoder"
     return None
 
@@ -78,7 +98,7 @@ def _group(names: list[str], family: Family) -> dict[str, list[str]]:
 
 def trainable_by_group(model, family: Family) -> dict[str, int]:
     """Trainable parameter counts per group, read off the (peft-wrapped) model."""
-    counts = {g: 0 for g in LORA_GROUPS}
+    counts = {g: 0 for g in LORA_GROUPS + (("experts",) if family.experts else ())}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue

@@ -43,6 +43,10 @@ class ModelConfig:
     #: evaluation, inference, merged exports and pushed repos render with it. None = the model's template, or for a
     #: checkpoint without one, finetune's documented template for its family (PaliGemma); otherwise an error.
     chat_template: str | None = None
+    #: Variables the chat template reads, fixed for the run (Qwen3.5: `{enable_thinking: false}` renders every
+    #: reply after an empty think block, as the template's non-thinking mode generates). Written into the run's saved
+    #: template, so predict, serve, merged and GGUF exports render the same prompt.
+    chat_template_kwargs: dict[str, bool | int | float | str] = field(default_factory=dict)
     #: A run folder (or adapter folder) of this base model whose LoRA adapter training continues from, e.g. an SFT
     #: run as the start of a DPO recipe. Its adapter settings replace the `lora:` section.
     adapter: str | None = None
@@ -50,6 +54,9 @@ class ModelConfig:
     def validate(self) -> None:
         if self.chat_template is not None and not self.chat_template.strip():
             raise RecipeError("model.chat_template: empty; give a template file path or null")
+        for key in self.chat_template_kwargs:
+            if not str(key).isidentifier():
+                raise RecipeError(f"model.chat_template_kwargs: {key!r} is not a template variable name")
         if self.adapter is not None and not self.adapter.strip():
             raise RecipeError("model.adapter: empty; give a run folder holding adapter_config.json, or null")
 
@@ -142,6 +149,9 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: ["decoder", "projector"])
     #: Expert override: exact peft `target_modules` (list of names or one regex). Replaces `targets` for modules.
     target_modules: list[str] | str | None = None
+    #: Mixture-of-experts models: also adapt the experts, the fused 3-D expert weights (peft `target_parameters`)
+    #: and the shared expert. The router is never adapted. Off: experts stay frozen (LoRA on attention only).
+    experts: bool = False
 
     def validate(self) -> None:
         if self.r <= 0:

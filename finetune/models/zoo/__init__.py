@@ -65,7 +65,9 @@ PRESETS: dict[str, dict[str, int]] = {
 BUILDERS = {
     "llava": llava.llava, "llava_next": llava.llava_next, "idefics3": idefics.idefics3, "smolvlm": idefics.smolvlm,
     "qwen2_vl": qwen.qwen2_vl, "qwen2_5_vl": qwen.qwen2_5_vl, "qwen3_vl": qwen.qwen3_vl,
-    "paligemma": gemma.paligemma, "gemma3": gemma.gemma3, "mllama": mllama.mllama,
+    "qwen3_vl_moe": qwen.qwen3_vl_moe, "qwen3_5": qwen.qwen3_5, "qwen3_5_moe": qwen.qwen3_5_moe,
+    "paligemma": gemma.paligemma, "gemma3": gemma.gemma3,
+    "gemma3n": gemma.gemma3n, "gemma4": gemma.gemma4, "mllama": mllama.mllama,
 }
 
 
@@ -90,11 +92,13 @@ def build_like(hub_dir: str | Path, preset: str = "tiny"):
     tokens, chat template, image settings and vision geometry (patch and image size, merge/pixel-shuffle factors,
     tiling), read from a folder of its small files (`HubFiles`). Only the sizes and the vocabulary are tiny, so an
     image expands to exactly as many tokens as on the real model. Generation stops where the checkpoint's
-    generation config says (its `generation_config.json`; without one, at the tokenizer's EOS only)."""
+    generation config says (its `generation_config.json`; without one, or one whose ids the tokenizer_config.json
+    does not name, at EOS and the family's end of turn)."""
     hub = HubFiles(hub_dir)
     _check(hub.family, preset)
+    eos = hub.generation_eos_tokens()
     return _finish(hub.family, *_seeded(lambda: BUILDERS[hub.family](PRESETS[preset], hub)),
-                   stop_at_end_of_turn=False, eos_tokens=hub.generation_eos_tokens())
+                   stop_at_end_of_turn=eos is None, eos_tokens=eos)
 
 
 def _seeded(make):

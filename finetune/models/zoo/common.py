@@ -198,12 +198,17 @@ class HubFiles:
 
         named = {k: token(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         # Named extra tokens (Gemma 3's boi_token, image_token, ...) become the tokenizer's attributes, as on the hub.
-        extra = dict(tc.get("extra_special_tokens") or {})
+        # transformers 5 files (Gemma 4) may list unnamed extras instead: those are special tokens only.
+        listed = tc.get("extra_special_tokens") or {}
+        extra = dict(listed) if isinstance(listed, dict) else {}
         extra.update({k: token(k) for k in tc if k.endswith("_token") and k not in named and isinstance(token(k), str)})
         specials = [t for t in named.values() if t]
+        # Reserved placeholders (Gemma 3n's 6,400 <unusedN> / <unused_image_N>) name nothing a template or row uses.
         specials += [e["content"] for _, e in sorted((tc.get("added_tokens_decoder") or {}).items(),
-                                                       key=lambda kv: int(kv[0]))]
+                                                       key=lambda kv: int(kv[0]))
+                     if not e["content"].startswith("<unused")]
         specials += list(tc.get("additional_special_tokens") or []) + list(extra.values())
+        specials += [] if isinstance(listed, dict) else list(listed)
         if not named["eos_token"] or not named["pad_token"]:
             raise ValueError(f"{self.folder}: tokenizer_config.json needs an eos_token and a pad_token")
         return tokenizer(list(dict.fromkeys(specials)), bos=named["bos_token"], eos=named["eos_token"],
@@ -218,6 +223,10 @@ class HubFiles:
             return None
         decoder = {int(k): e["content"] for k, e in (self.tokenizer_config.get("added_tokens_decoder") or {}).items()}
         ids = ids if isinstance(ids, list) else [ids]
+        if not decoder:
+            # A transformers 5 tokenizer_config.json (Gemma 4) names its special tokens but not their ids (those are
+            # in tokenizer.json, not kept): stop where the chat template ends a reply, and at EOS.
+            return None
         if missing := [i for i in ids if i not in decoder]:
             raise ValueError(f"{self.folder}: generation_config.json eos_token_id {missing} not in "
                              "tokenizer_config.json's added_tokens_decoder (its token is needed)")

@@ -74,3 +74,56 @@ def qwen3_vl(p, hub: HubFiles | None = None):
                  vision=dict(hidden_size=p["v_hidden"], out_hidden_size=p["hidden"], in_channels=3,
                              intermediate_size=p["v_intermediate"], num_position_embeddings=positions,
                              deepstack_visual_indexes=list(range(0, p["v_layers"] - 1, 2))), hub=hub)
+
+
+def _qwen3_vl_vision(p, hub: HubFiles | None, **extra) -> dict:
+    # 16 learned positions = a 4x4 grid, interpolated to other sizes (a replica keeps its checkpoint's 48x48)
+    positions = hub.model_config().vision_config.num_position_embeddings if hub else 16
+    return dict(hidden_size=p["v_hidden"], out_hidden_size=p["hidden"], in_channels=3,
+                intermediate_size=p["v_intermediate"], num_position_embeddings=positions, **extra)
+
+
+def _moe(p) -> dict:
+    """Four experts, two per token: enough for routing to matter, small enough for a CPU."""
+    return dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=p["intermediate"] // 4)
+
+
+def qwen3_vl_moe(p, hub: HubFiles | None = None):
+    import transformers as T
+
+    rope = {"rope_type": "default", "mrope_section": mrope_sections(p), "mrope_interleaved": True,
+            "rope_theta": 10000.0}
+    return _qwen(p, "qwen3_vl", 16, T.Qwen3VLProcessor, T.Qwen3VLVideoProcessor, T.Qwen3VLMoeConfig,
+                 T.Qwen3VLMoeForConditionalGeneration,
+                 text=dict(rope_parameters=rope, head_dim=head_dim(p), decoder_sparse_step=1, **_moe(p)),
+                 vision=_qwen3_vl_vision(p, hub, deepstack_visual_indexes=list(range(0, p["v_layers"] - 1, 2))),
+                 hub=hub)
+
+
+def _qwen3_5_text(p) -> dict:
+    """Qwen3.5's decoder: every fourth layer (and the last) full attention, the others gated DeltaNet; rotary on a
+    quarter of each head (the real partial_rotary_factor), M-RoPE sections split over it like the real 11/11/10."""
+    layers, dim = p["layers"], max(32, head_dim(p))
+    freqs = dim // 4 // 2
+    hw = round(freqs * 11 / 32)
+    rope = {"rope_type": "default", "mrope_section": [freqs - 2 * hw, hw, hw], "mrope_interleaved": True,
+            "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
+    types = ["full_attention" if i % 4 == 3 or i == layers - 1 else "linear_attention" for i in range(layers)]
+    return dict(rope_parameters=rope, head_dim=dim, layer_types=types, linear_num_key_heads=2,
+                linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)
+
+
+def qwen3_5(p, hub: HubFiles | None = None):
+    import transformers as T
+
+    # The 4B and larger checkpoints' template (think): every reply opens with a <think> block
+    return _qwen(p, "qwen3_5_think", 16, T.Qwen3VLProcessor, T.Qwen3VLVideoProcessor, T.Qwen3_5Config,
+                 T.Qwen3_5ForConditionalGeneration, text=_qwen3_5_text(p), vision=_qwen3_vl_vision(p, hub), hub=hub)
+
+
+def qwen3_5_moe(p, hub: HubFiles | None = None):
+    import transformers as T
+
+    text = _qwen3_5_text(p) | _moe(p) | dict(shared_expert_intermediate_size=p["intermediate"] // 4)
+    return _qwen(p, "qwen3_5_think", 16, T.Qwen3VLProcessor, T.Qwen3VLVideoProcessor, T.Qwen3_5MoeConfig,
+                 T.Qwen3_5MoeForConditionalGeneration, text=text, vision=_qwen3_vl_vision(p, hub), hub=hub)
