@@ -124,8 +124,11 @@ def test_scan_measures_both_replies_and_drops_a_pair_whose_longer_reply_does_not
 
 # --- which tokens enter the log-probs ---------------------------------------------------------------------------
 
+DPO_FAMILIES = ["qwen2_vl", "idefics3", "gemma3", "paligemma", "llava", "qwen3_5", "qwen3_5_moe", "qwen3_vl_moe",
+                "gemma4", "gemma3n"]
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "gemma3", "paligemma", "llava"])
+
+@pytest.mark.parametrize("family", DPO_FAMILIES)
 def test_only_completion_tokens_and_end_of_turn_enter_the_logprobs(family):
     processor = AutoProcessor.from_pretrained(zoo.ensure(family))
     collator = PreferenceCollator(processor, FAMILIES[family])
@@ -134,7 +137,8 @@ def test_only_completion_tokens_and_end_of_turn_enter_the_logprobs(family):
              "rejected": "It is the purple one, on the left."}]
     batch = collator(rows)
     tok = processor.tokenizer
-    end = template_traits(processor, FAMILIES[family]).end_token
+    traits = template_traits(processor, FAMILIES[family])
+    end = traits.end_token
     ids, mask, attention = batch["input_ids"], batch["completion_mask"].bool(), batch["attention_mask"]
     assert ids.shape[0] == 4  # chosen 0, chosen 1, rejected 0, rejected 1
     replies = [rows[0]["chosen"], rows[1]["chosen"], rows[0]["rejected"], rows[1]["rejected"]]
@@ -143,8 +147,8 @@ def test_only_completion_tokens_and_end_of_turn_enter_the_logprobs(family):
         positions = mask[i].nonzero().flatten()
         assert (positions.diff() == 1).all(), "one contiguous run: the reply"
         # Exactly the reply's tokens as rendered (some templates put a space before it) and the end-of-turn token.
-        candidates = [tok.encode(text, add_special_tokens=False) + tok.encode(end, add_special_tokens=False)
-                      for text in (reply, " " + reply)]
+        candidates = [tok.encode(traits.reply_lead + text, add_special_tokens=False) +
+                      tok.encode(end, add_special_tokens=False) for text in (reply, " " + reply)]
         assert scored in candidates, (family, tok.decode(scored), reply)
         assert tok.decode(scored[-1:]) == end
         # The same prompt precedes both replies of a pair.
@@ -312,7 +316,7 @@ def test_qlora_dpo_from_a_fresh_adapter_trains_only_lora_against_the_base(tmp_pa
     assert changed and all("lora_" in n for n in changed)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "gemma3", "paligemma", "llava"])
+@pytest.mark.parametrize("family", DPO_FAMILIES)
 def test_dpo_trains_in_every_listed_family(family, tmp_path):
     from finetune.training.pipeline import prepare
 

@@ -17,12 +17,14 @@ from finetune import cli
 from finetune.export.card import render_card
 from finetune.batching.collate import ChatCollator
 from finetune.export.merging import ExportError, ParityError, merge, parity_rows, serving_warnings
+from finetune.batching.template import template_traits
 from finetune.models.families import FAMILIES
 from finetune.models.loading import load_family, load_model
 from finetune.training.pipeline import train
 from finetune.recipe import load_recipe
 
-MERGE_FAMILIES = ["llava", "qwen2_5_vl", "idefics3", "gemma3"]
+MERGE_FAMILIES = ["llava", "qwen2_5_vl", "idefics3", "gemma3", "qwen3_5", "qwen3_5_moe", "qwen3_vl_moe", "gemma4",
+                  "gemma3n"]
 CHART = ROOT / "data/chartqa-tiny/images/test-0000.png"
 
 
@@ -105,7 +107,9 @@ def test_merged_export_reloads_alone_and_matches_base_plus_adapter(family, qlora
     parity = json.loads((out / "parity.json").read_text())
     assert parity["passed"] and parity["tolerance"] == 1e-4 and parity["max_abs_diff"] < 1e-4
     comparison = parity["comparison"]
-    assert comparison["supervised_positions"]["positions"] == 8  # 4 samples x (answer token + end of turn)
+    # 4 samples x (answer token + end of turn, after the template's reply lead: Qwen3.5's closed think block)
+    lead = len(processor.tokenizer.encode(template_traits(processor, family_entry).reply_lead, add_special_tokens=False))
+    assert comparison["supervised_positions"]["positions"] == 4 * (2 + lead)
     assert comparison["supervised_positions"]["kl_mean"] < 1e-9
     assert comparison["generation"]["agree"] == comparison["generation"]["total"] == 4
     assert parity["merge"] == {"dtype": "float32", "onto": "original", "qlora": qlora, "family": family_entry.name,

@@ -50,7 +50,8 @@ def test_rewards_belong_to_grpo():
                      "rewards": {"functions": ["relaxed_accuracy"]}})
 
 
-FAMILIES_WITH_GRPO = ["qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "gemma3", "llava", "llava_next"]
+FAMILIES_WITH_GRPO = ["qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "gemma3", "llava", "llava_next", "qwen3_5",
+                      "qwen3_5_moe", "qwen3_vl_moe", "gemma4", "gemma3n"]
 
 
 @pytest.mark.parametrize("family", FAMILIES_WITH_GRPO)
@@ -212,3 +213,21 @@ def test_only_the_completion_up_to_its_end_of_turn_carries_loss(model, tmp_path)
     assert (ids[0, 2:] == tok.pad_token_id).all()
     image_ids = torch.tensor(ChatCollator(run.processor, run.family).image_token_ids)
     assert not torch.isin(ids, image_ids).any()
+
+
+def first_character(prompts, completions, **_):
+    from finetune.evaluation.rewards import text_of
+
+    return [float(ord((text_of(c) or " ")[0]) % 7) for c in completions]
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe", "qwen3_vl_moe", "gemma4", "gemma3n"])
+def test_grpo_trains_the_flagship_families(family, tmp_path):
+    """TRL's GRPOTrainer samples, scores and trains these families (their image inputs reach the model)."""
+    # A reward that tells completions apart by their first token, so a group's advantages are not all zero
+    out = finetune.train(recipe(tmp_path / "run", f"model.name_or_path=zoo:{family}", "training.max_steps=1",
+                                "rewards.functions=[test_grpo:first_character]"))
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["steps"] == 1 and summary["rewards"]["curves"][0]["reward_std"] > 0
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert max(t.abs().max().item() for n, t in adapter.items() if "lora_B" in n) > 0

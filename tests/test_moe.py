@@ -8,6 +8,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
 
 import finetune
 from finetune.models.families import FAMILIES, matches
@@ -42,6 +43,14 @@ def test_lora_experts_trains_the_fused_experts_and_never_the_router(family, tmp_
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     aux = [e["aux_loss"] for e in log if "aux_loss" in e]
     assert len(aux) == 2 and all(a > 0 for a in aux), "the load-balancing loss is trained and logged every step"
+    # The expert adapters merge into the fused weights: the merged model answers as base + adapter.
+    merged_dir = finetune.merge(run_dir, dtype="float32")
+    parity = json.loads((merged_dir / "parity.json").read_text())
+    assert parity["passed"] and parity["max_abs_diff"] < 1e-4, parity
+    # (read back through transformers: it saves Qwen3-VL-MoE's fused experts one expert at a time, as the hub has them)
+    weights = [AutoModelForImageTextToText.from_pretrained(path).model.language_model.layers[0].mlp.experts.gate_up_proj
+               for path in (merged_dir, finetune.zoo.ensure(family))]
+    assert (weights[0] - weights[1]).abs().max() > 1e-6, "the expert LoRA is in the merged fused weights"
 
 
 @pytest.mark.parametrize("family", MOE)
@@ -75,3 +84,26 @@ def test_qlora_keeps_routers_vision_projector_and_head_full_and_experts_16_bit(f
     run.trainer.train()
     losses = [e["loss"] for e in run.trainer.state.log_history if "loss" in e]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_check_prints_the_base_memory_by_part_and_moe_experts_stay_16_bit(tmp_path, capsys):
+    """At the published Qwen3.5-35B-A3B config (meta device): under QLoRA the fused experts (32.2B of its 35B
+    parameters) stay bfloat16, so the base takes ~63 GiB, not the ~18 GiB of a 4-bit 35B model."""
+    import json as _json
+
+    from transformers import AutoConfig
+
+    from conftest import ROOT
+    from finetune.models.memory import base_memory, describe
+
+    raw = _json.loads((ROOT / "tests/fixtures/hub/Qwen__Qwen3.5-35B-A3B/config.json").read_text())
+    memory = base_memory(AutoConfig.for_model(**raw), FAMILIES["qwen3_5_moe"], load_in_4bit=True)
+    fused = 40 * 256 * 3 * 512 * 2048  # layers x experts x (gate, up, down) x moe_intermediate x hidden
+    assert memory["experts"]["parameters"] - memory["experts"]["4bit"] == fused
+    assert memory["experts"]["bytes"] >= fused * 2 and memory["router"]["4bit"] == 0
+    assert 60 < sum(f["bytes"] for f in memory.values()) / 2**30 < 70
+    assert describe(memory).startswith("63.")
+
+    finetune.check(tiny_recipe("qwen3_5_moe", tmp_path, "quantization.load_in_4bit=true"))
+    line = next(l for l in capsys.readouterr().out.splitlines() if "base model weights" in l)
+    assert "experts" in line and "router" in line and "decoder" in line and "(partly 4-bit)" in line

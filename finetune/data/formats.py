@@ -202,6 +202,9 @@ def _part(part: dict) -> dict:
         return {"type": part["type"]}
     if part.get("type") == "text":
         return _text(part.get("text") or "")
+    if part.get("type") in ("audio", "input_audio"):
+        # Gemma 3n / Gemma 4 take audio, but finetune trains image-text data: its audio tower stays frozen
+        raise RowError("audio", "an audio part: finetune trains image and video with text; audio is not supported")
     raise RowError("unknown part", f"message part of type '{part.get('type')}' (expected image, video or text)")
 
 

@@ -88,6 +88,9 @@ class Family:
     #: LAuReL and the per-layer-input projections frozen (small gating maps, several of which see no gradient
     #: through their clamps and sparse activations), as peers adapt only attention and MLP projections there.
     decoder_linears: str = ""
+    #: Module-path regex of decoder modules bitsandbytes must not quantize (Gemma 3n's AltUp clamps its coefficient
+    #: weights in place every training step, which a 4-bit weight cannot take; its LAuReL and per-layer maps with it).
+    full_precision: str = ""
     #: Module-path regex of an audio encoder and its projector (Gemma 3n, Gemma 4): never adapted, never quantized;
     #: rows with audio are refused (finetune trains image-text data).
     audio: str = ""
@@ -99,7 +102,8 @@ class Family:
 
     def quantization_skip(self) -> list[str]:
         """Modules bitsandbytes must keep in full precision: vision tower, projector and the LM head."""
-        return [self.vision, self.projector, "lm_head"] + [p for p in (self.router, self.audio) if p]
+        return [self.vision, self.projector, "lm_head"] + [p for p in (self.router, self.audio, self.full_precision)
+                                                            if p]
 
 
 # PaliGemma checkpoints ship no chat template: they are prompted "<image>...<bos>{prefix}\n" and answer
@@ -233,6 +237,9 @@ FAMILIES: dict[str, Family] = {
         decoder=r"model\.language_model", projector=r"model\.embed_vision", vision=r"model\.vision_tower",
         image_tokens=_GEMMA3_IMAGE, end_of_turn="<end_of_turn>", image_expansion="fixed",
         audio=r"model\.(?:audio_tower|embed_audio)", decoder_linears=_ATTENTION_AND_MLP,
+        full_precision=r"model\.language_model\.(?:altup_projections|altup_unembed_projections|"
+                       r"per_layer_model_projection|layers\.\d+\.(?:altup|laurel|per_layer_input_gate|"
+                       r"per_layer_projection))",
         no_packing="not shown exact: with padding after a row's last sample, the padding tokens (each a sequence of "
                    "its own) give NaN LoRA gradients through Gemma 3n's decoder although every logit is finite "
                    "(tests/test_packing.py, two-row case); unpacked batches train exactly",

@@ -6,6 +6,7 @@ import re
 from typing import Sequence
 
 from ..batching.collate import IGNORE_INDEX
+from ..models.memory import base_memory, describe
 from ..recipe import Recipe, load_recipe
 from ..recipe.distributed import check_launch, from_accelerate_config, from_environment
 from .pipeline import load_processing, scanned
@@ -23,9 +24,12 @@ def check(recipe: Recipe | str | dict, overrides: Sequence[str] = (), show_label
     report: dict = {"recipe": recipe.to_dict()}
     if not data:
         return report
-    _, family, processor, collator = load_processing(recipe)
+    model_path, family, processor, collator = load_processing(recipe)
     dataset, result = scanned(recipe, recipe.data.train_split, family, collator)
     print(f"[finetune] model family: {family.name}")
+    report["base_memory"] = base_memory_of(model_path, recipe, family)
+    print(f"[finetune] base model weights (estimate, before activations and optimizer state): "
+          f"{describe(report['base_memory'])}")
     print(f"[finetune] train data: {result.describe()}")
     report["train_data"] = result.summary()
     for i in result.kept[:show_labels]:
@@ -40,6 +44,19 @@ def check(recipe: Recipe | str | dict, overrides: Sequence[str] = (), show_label
         print(f"\n--- row {sample['row_id']}: tokens in [[...]] carry loss ---")
         print(mark_labels(processor.tokenizer, batch["input_ids"][0].tolist(), batch["labels"][0].tolist()))
     return report
+
+
+def base_memory_of(model_path: str, recipe: Recipe, family) -> dict:
+    """The base's weight memory by part, at the dtype and quantization the recipe loads it with."""
+    from transformers import AutoConfig
+
+    from ..models.loading import stored_dtype
+
+    cfg = recipe.model
+    config = AutoConfig.from_pretrained(model_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    dtype = stored_dtype(cfg) if cfg.dtype == "auto" else cfg.dtype
+    return base_memory(config, family, recipe.quantization.load_in_4bit, recipe.quantization.double_quant,
+                       dtype_bytes=4 if dtype == "float32" else 2)
 
 
 def mark_labels(tokenizer, input_ids: list[int], labels: list[int]) -> str:
