@@ -1,6 +1,6 @@
-"""Shipped real-model recipes, run on replicas of their checkpoints (scripts/check_real_recipes.py runs all nine).
+"""Shipped real-model recipes, run on replicas of their checkpoints (scripts/check_real_recipes.py runs all of them).
 
-Two of them here, chosen for what they exercise: PaliGemma 2 (a checkpoint without a chat template: finetune's
+Some of them here, chosen for what they exercise: PaliGemma 2 (a checkpoint without a chat template: finetune's
 goes into the run folder, the merged export and the pushed repository) and Gemma 3 with QLoRA (NF4 on the CPU; a
 generation config that names no end-of-turn).
 """
@@ -25,19 +25,25 @@ CANARY = "hf_canary_0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f6a7b8c9d"
 def runs(tmp_path_factory):
     recipes = check_real_recipes.real_recipes()
     root = tmp_path_factory.mktemp("real-recipes")
-    return root, {name: check_real_recipes.run_recipe(name, recipes[name], root)
-                  for name in ("paligemma2-3b-lora", "gemma3-4b-qlora")}
+    return root, {name: check_real_recipes.run_recipe(name, recipes[name], root) for name in END_TOKENS}
 
 
-@pytest.mark.parametrize("name", ["paligemma2-3b-lora", "gemma3-4b-qlora"])
+# The recipes run here and the token each stops at; the flagship families' recipes run on replicas of the published
+# checkpoints they name (Qwen3.5 with its thinking switch, the MoE ones under QLoRA with 16-bit experts).
+END_TOKENS = {"paligemma2-3b-lora": "<eos>", "gemma3-4b-qlora": "<end_of_turn>", "qwen3.5-9b-lora": "<|im_end|>",
+              "qwen3.5-35b-a3b-qlora": "<|im_end|>", "qwen3-vl-30b-a3b-qlora": "<|im_end|>",
+              "gemma4-e2b-lora": "<turn|>", "gemma3n-e4b-qlora": "<end_of_turn>"}
+
+
+@pytest.mark.parametrize("name", list(END_TOKENS))
 def test_recipe_trains_two_steps_and_predict_stops_at_the_end_of_turn(name, runs):
     result = runs[1][name]
     assert result["train_returncode"] == 0, result.get("error")
     assert result["steps"] == 2 and len(result["loss"]) == 2
     assert result["predict_returncode"] == 0
     assert result["stopped_at_end_token"], result
-    assert result["end_token"] == {"paligemma2-3b-lora": "<eos>", "gemma3-4b-qlora": "<end_of_turn>"}[name]
-    assert result["quantized"] == (name == "gemma3-4b-qlora")
+    assert result["end_token"] == END_TOKENS[name]
+    assert result["quantized"] == name.endswith("qlora")
 
 
 def test_paligemma_template_goes_with_the_run_the_export_and_the_push(runs, monkeypatch):

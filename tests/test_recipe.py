@@ -25,7 +25,9 @@ def test_every_shipped_recipe_loads_and_states_its_command(path):
 def test_recipes_exist_for_every_required_family():
     text = " ".join(p.read_text() for p in RECIPES)
     for hub_id in ["SmolVLM-256M", "SmolVLM-Instruct", "Qwen2.5-VL-3B", "Qwen2.5-VL-7B", "Qwen3-VL",
-                   "llava-v1.6-mistral-7b", "paligemma2", "gemma-3-4b", "Llama-3.2-11B-Vision", "zoo:"]:
+                   "llava-v1.6-mistral-7b", "paligemma2", "gemma-3-4b", "Llama-3.2-11B-Vision", "zoo:",
+                   "Qwen/Qwen3.5-9B", "Qwen/Qwen3.5-35B-A3B", "Qwen/Qwen3-VL-30B-A3B-Instruct", "google/gemma-4-E2B-it",
+                   "google/gemma-3n-E4B-it"]:
         assert hub_id in text
 
 
