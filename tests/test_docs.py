@@ -178,3 +178,18 @@ def test_refused_keys_are_found_in_the_code():
 def test_every_refused_training_key_is_documented(method, key):
     assert any(f"`{method}`" in row.get("method", "") for row in rows_for("training", key)), (
         f"docs/recipes.md: no refused-keys row for `{key}` naming `{method}` under ## `training`")
+
+
+def test_the_readme_families_table_is_generated_from_the_family_table():
+    """Never hand-kept: the README holds exactly the table scripts/families_table.py makes, one row per family."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import families_table
+
+    from finetune.models.families import FAMILIES
+
+    readme = (ROOT / "README.md").read_text()
+    assert families_table.readme_with_table(readme) == readme, "run: python scripts/families_table.py --write"
+    rows = [line for line in families_table.table().splitlines()[2:]]
+    assert [line.split(" | ")[1].strip("`") for line in rows] == list(FAMILIES)

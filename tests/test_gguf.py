@@ -23,7 +23,7 @@ from finetune.training.pipeline import train
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the gguf extra is not installed (bash scripts/setup.sh gguf)")
 
-GGUF_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm"]
+GGUF_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3", "smolvlm"]
 
 
 def recipe(family, out, *extra):
@@ -134,7 +134,8 @@ def test_a_real_checkpoints_unknown_tokenizer_is_refused_not_guessed(runs, tmp_p
         convert(merged, tmp_path / "m.gguf", "f16")  # no mapping given: as for any non-zoo model
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "paligemma", "mllama", "idefics3"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "paligemma", "mllama", "idefics3", "qwen3_5", "qwen3_5_moe",
+                                    "gemma4", "gemma3n"])
 def test_families_llama_cpp_cannot_run_are_refused_at_once(family, tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({

@@ -1,7 +1,7 @@
 """Run llama.cpp's `convert_hf_to_gguf.py` from the pinned llama.cpp sources, with what finetune knows added.
 
     python -m finetune.export.gguf_convert SOURCES [--pre-tokenizer NAME] [--text-architecture ARCH]
-        [--rename OLD=NEW ...] -- CONVERTER_ARGS...
+        [--rename OLD=NEW ...] [--transpose SUFFIX ...] -- CONVERTER_ARGS...
 
 A subprocess of finetune.export.llama_cpp: the converter imports its own `gguf` package (which must come from the
 same llama.cpp as the runtime) and holds whole tensors in memory, so it runs apart from the caller. What it adds,
@@ -9,7 +9,10 @@ each only where asked (the family table and the zoo decide, never a guess):
 - `--pre-tokenizer`: the name used when the converter does not recognise a tokenizer's pre-tokenizer (only the
   zoo's own tokenizer; a real checkpoint's unknown tokenizer is refused as the converter refuses it);
 - `--text-architecture`: the text model's class where `text_config` names none (transformers 5 saves of Idefics3);
-- `--rename`: tensor-name prefixes the converter knows under their transformers 4 names.
+- `--rename`: tensor-name prefixes the converter knows under their transformers 4 names;
+- `--transpose`: 3-D tensors (by name suffix) whose last two axes the converter expects swapped: transformers 5
+  saves Qwen3-VL-MoE's fused experts as (experts, out, in), the hub checkpoints the converter reads as (experts,
+  in, out).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--pre-tokenizer")
     parser.add_argument("--text-architecture")
     parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW")
+    parser.add_argument("--transpose", action="append", default=[], metavar="SUFFIX")
     args = parser.parse_args(argv[:split])
     sys.path[:0] = [str(args.sources), str(args.sources / "gguf-py")]
     import conversion.base as base  # the pinned converter's own modules, from the sources above
@@ -59,6 +63,16 @@ def main(argv: list[str]) -> None:
             return {_renamed(name, renames): tensor for name, tensor in index(self, *a, **k).items()}
 
         base.ModelBase.index_tensors = index_tensors
+    if args.transpose:
+        listed = base.ModelBase.index_tensors
+
+        def transposed_tensors(self, *a, **k):
+            tensors = listed(self, *a, **k)
+            return {name: (lambda load=load: load().transpose(-1, -2).contiguous())
+                    if any(name.endswith(suffix) for suffix in args.transpose) else load
+                    for name, load in tensors.items()}
+
+        base.ModelBase.index_tensors = transposed_tensors
     script = args.sources / "convert_hf_to_gguf.py"
     sys.argv = [str(script), *argv[split + 1:]]
     runpy.run_path(str(script), run_name="__main__")

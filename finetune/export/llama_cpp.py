@@ -101,7 +101,8 @@ def install_converter(sdist: str | Path | None = None) -> Path:
 
 
 def convert(model_dir: Path, out: Path, outtype: str, mmproj: bool = False, pre_tokenizer: str | None = None,
-            text_architecture: str = "", renames: tuple[tuple[str, str], ...] = ()) -> Path:
+            text_architecture: str = "", renames: tuple[tuple[str, str], ...] = (),
+            transposed: tuple[str, ...] = ()) -> Path:
     """One GGUF file (the language model, or with `mmproj` the vision encoder and projector) from a merged folder."""
     command = [sys.executable, "-m", "finetune.export.gguf_convert", str(converter())]
     if pre_tokenizer:
@@ -110,6 +111,8 @@ def convert(model_dir: Path, out: Path, outtype: str, mmproj: bool = False, pre_
         command += ["--text-architecture", text_architecture]
     for old, new in renames:
         command += ["--rename", f"{old}={new}"]
+    for suffix in transposed:
+        command += ["--transpose", suffix]
     command += ["--", str(model_dir), "--outfile", str(out), "--outtype", outtype] + (["--mmproj"] if mmproj else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode or not out.is_file():

@@ -77,6 +77,9 @@ class Family:
     #: `text_config`), and tensor-name prefixes it knows under their transformers 4 names (old, new).
     gguf_text_architecture: str = ""
     gguf_renames: tuple[tuple[str, str], ...] = ()
+    #: 3-D tensors (name suffixes) transformers 5 saves with their last two axes swapped from the hub layout the
+    #: converter reads (Qwen3-VL-MoE's fused experts).
+    gguf_transposed: tuple[str, ...] = ()
     #: Mixture-of-experts: module-path regex of the routers (top-k gates, Qwen3.5's shared-expert gate). They are
     #: never adapted and never quantized (a 4-bit router changes which experts a token reaches).
     router: str = ""
@@ -134,6 +137,10 @@ _DELTANET_PACKING = (
     "its gated DeltaNet layers carry a causal-conv and recurrent state from token to token, and transformers' torch "
     "path (torch_chunk_gated_delta_rule, causal_conv1d_fn) ignores the pack's cu_seqlens: a packed sequence would "
     "start from the state of the one before it")
+_DELTANET_GGUF = (
+    "llama.cpp does not apply the NFC normalisation Qwen3.5's tokenizer starts with, so text with decomposed "
+    "accents ('e' + U+0301) reads as other tokens than in training (the export's tokenizer check fails on it; the "
+    "pinned converter itself converts a transformers save with --no-mtp)")
 _FUSED = ("gate_up_proj", "down_proj")
 _ATTENTION_AND_MLP = r"q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 
@@ -196,13 +203,14 @@ FAMILIES: dict[str, Family] = {
         image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True, gguf_image_tokens="pixels",
         vision_varlen=True, router=r"model\.language_model\.layers\.\d+\.mlp\.gate",
         experts=r"model\.language_model\.layers\.\d+\.mlp\.experts", expert_parameters=_FUSED,
+        gguf_transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         notes="Qwen3-VL with fused experts (no shared expert); the top-k router stays frozen and unquantized.",
     ),
     "qwen3_5": Family(
         name="Qwen3.5",
         decoder=r"model\.language_model", projector=r"model\.visual\.merger", vision=r"model\.visual",
         image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True, gguf_image_tokens="pixels",
-        vision_varlen=True, no_packing=_DELTANET_PACKING,
+        vision_varlen=True, no_packing=_DELTANET_PACKING, no_gguf=_DELTANET_GGUF,
         notes="Natively multimodal; decoder layers mix gated DeltaNet (3 of 4) and full attention. The 4B and larger "
               "templates open every reply with <think>: set model.chat_template_kwargs.enable_thinking.",
     ),
@@ -210,7 +218,7 @@ FAMILIES: dict[str, Family] = {
         name="Qwen3.5-MoE",
         decoder=r"model\.language_model", projector=r"model\.visual\.merger", vision=r"model\.visual",
         image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True, gguf_image_tokens="pixels",
-        vision_varlen=True, no_packing=_DELTANET_PACKING,
+        vision_varlen=True, no_packing=_DELTANET_PACKING, no_gguf=_DELTANET_GGUF,
         router=r"model\.language_model\.layers\.\d+\.mlp\.(?:gate|shared_expert_gate)",
         experts=r"model\.language_model\.layers\.\d+\.mlp\.(?:experts|shared_expert)", expert_parameters=_FUSED,
         notes="Fused experts plus a shared expert per layer; the shared expert's sigmoid gate is a router.",
@@ -240,6 +248,8 @@ FAMILIES: dict[str, Family] = {
         full_precision=r"model\.language_model\.(?:altup_projections|altup_unembed_projections|"
                        r"per_layer_model_projection|layers\.\d+\.(?:altup|laurel|per_layer_input_gate|"
                        r"per_layer_projection))",
+        no_gguf="the pinned converter's Gemma 3n mmproj cannot map the audio tower's tensors of a transformers 5 "
+                "save ('model.audio_tower.subsample_conv_projection.conv_0.norm.weight')",
         no_packing="not shown exact: with padding after a row's last sample, the padding tokens (each a sequence of "
                    "its own) give NaN LoRA gradients through Gemma 3n's decoder although every logit is finite "
                    "(tests/test_packing.py, two-row case); unpacked batches train exactly",
@@ -251,6 +261,9 @@ FAMILIES: dict[str, Family] = {
         decoder=r"model\.language_model", projector=r"model\.embed_vision", vision=r"model\.vision_tower",
         image_tokens=r"<\|image>|<image\|>|<\|image\|>", end_of_turn="<turn|>", image_expansion="soft_tokens",
         audio=r"model\.(?:audio_tower|embed_audio)", decoder_linears=_ATTENTION_AND_MLP,
+        no_gguf="not answer-checked: the pinned converter reads Gemma 4's vocabulary as a SentencePiece-style "
+                "tokenizer.json (LlamaHfVocab, llama.cpp's 'gemma4' tokenizer), which finetune's tokenizer and "
+                "answer checks have not been run against; finetune exports only what they passed",
         notes="Variable image token budget (max_soft_tokens); native system turn; thinking is off unless the "
               "system turn starts with <|think|>. The audio tower stays frozen and rows with audio are refused.",
     ),
