@@ -74,3 +74,14 @@ def test_rows_with_audio_are_refused_by_row(family, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dropped 2 (audio): row ids [0, 2]" in out and "audio is not supported" in out
     assert report["train_data"]["rows"] == 4
+
+
+def test_gemma3n_without_timm_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    finetune.zoo.ensure("gemma3n")  # built while timm is there
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name, *a))
+    with pytest.raises(RecipeError, match=r"model.name_or_path: Gemma 3n needs the 'timm' package .*"
+                                          r"finetune\[gemma3n\]"):
+        finetune.check(recipe("gemma3n", tmp_path))

@@ -64,9 +64,11 @@ def test_without_lora_experts_the_experts_and_router_stay_frozen(family, tmp_pat
                    ).trainer.router_aux_loss_coef == 0.05  # TRL's key, verbatim, overrides it
 
 
-def test_lora_experts_on_a_dense_family_is_refused(tmp_path):
+def test_lora_experts_on_a_dense_family_or_with_dropout_is_refused(tmp_path):
     with pytest.raises(RecipeError, match=r"lora.experts: Qwen3.5 has no mixture-of-experts layers"):
         prepare(tiny_recipe("qwen3_5", tmp_path, "lora.experts=true"))
+    with pytest.raises(RecipeError, match=r"lora.dropout: the fused experts .* set lora.dropout: 0"):
+        prepare(tiny_recipe("qwen3_5_moe", tmp_path / "x", "lora.experts=true", "lora.dropout=0.1"))
 
 
 @pytest.mark.parametrize("family", MOE)

@@ -48,15 +48,21 @@ def digest(folder: Path) -> dict[str, str]:
     (3, 2, {"train_sampling_strategy": "group_by_length"}),
     (3, 1, {"qlora": True}),
     (3, 1, {"packing": True, "max_length": 160}),  # 12 rows of ~53 tokens: 4 packs of 3, 2 steps per epoch
+    (3, 1, {"family": "qwen3_5_moe", "experts": True}),  # DeltaNet layers, expert LoRA, the aux loss
+    (3, 1, {"family": "gemma4"}),
 ])
 def test_resume_after_sigkill_mid_save_equals_an_uninterrupted_run(tmp_path, kill_at, accumulation, extra, capsys):
     extra = dict(extra)
-    qlora = extra.pop("qlora", False)
+    qlora, family, experts = extra.pop("qlora", False), extra.pop("family", None), extra.pop("experts", False)
 
     def make(out, **more):
         r = recipe(out, gradient_accumulation_steps=accumulation, **extra, **more)
         if qlora:
             r["quantization"] = {"load_in_4bit": True}
+        if family:
+            r["model"]["name_or_path"] = f"zoo:{family}"
+        if experts:  # peft adapts the fused 3-D expert weights only without dropout
+            r["lora"].update(experts=True, dropout=0.0)
         return r
 
     # 5 steps x 2 x accumulation samples crosses the 12-row epoch boundary, so the epoch's new order is tested too.

@@ -165,7 +165,7 @@ def render_with_spans(processor, messages: list[dict], family: Family) -> tuple[
 
     full = rendered(messages)
     spans = []
-    last_reply = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    last_reply = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue

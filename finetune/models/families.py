@@ -94,6 +94,8 @@ class Family:
     #: Module-path regex of decoder modules bitsandbytes must not quantize (Gemma 3n's AltUp clamps its coefficient
     #: weights in place every training step, which a 4-bit weight cannot take; its LAuReL and per-layer maps with it).
     full_precision: str = ""
+    #: Packages the model classes import beyond finetune's own (Gemma 3n: timm), each with the extra that installs it.
+    requires: tuple[tuple[str, str], ...] = ()
     #: Module-path regex of an audio encoder and its projector (Gemma 3n, Gemma 4): never adapted, never quantized;
     #: rows with audio are refused (finetune trains image-text data).
     audio: str = ""
@@ -248,6 +250,7 @@ FAMILIES: dict[str, Family] = {
         full_precision=r"model\.language_model\.(?:altup_projections|altup_unembed_projections|"
                        r"per_layer_model_projection|layers\.\d+\.(?:altup|laurel|per_layer_input_gate|"
                        r"per_layer_projection))",
+        requires=(("timm", "gemma3n"),),
         no_gguf="the pinned converter's Gemma 3n mmproj cannot map the audio tower's tensors of a transformers 5 "
                 "save ('model.audio_tower.subsample_conv_projection.conv_0.norm.weight')",
         no_packing="not shown exact: with padding after a row's last sample, the padding tokens (each a sequence of "

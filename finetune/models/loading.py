@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -33,7 +34,12 @@ def load_family(cfg) -> tuple[str, Family]:
         config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:  # transformers' words for a typo, no network and offline mode alike
         raise not_found("model.name_or_path", cfg.name_or_path, e) from e
-    return path, family_for(config.model_type)
+    family = family_for(config.model_type)
+    for package, extra in family.requires:
+        if importlib.util.find_spec(package) is None:
+            raise RecipeError(f"model.name_or_path: {family.name} needs the '{package}' package (its model classes "
+                              f"import it): pip install \"finetune[{extra}]\", or bash scripts/setup.sh")
+    return path, family
 
 
 def stored_dtype(cfg) -> str:

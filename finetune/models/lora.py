@@ -47,6 +47,9 @@ def plan_lora(model, family: Family, cfg) -> LoraPlan:
     if cfg.experts:
         if not family.experts:
             raise RecipeError(f"lora.experts: {family.name} has no mixture-of-experts layers; remove lora.experts")
+        if cfg.dropout:
+            raise RecipeError("lora.dropout: the fused experts are raw 3-D weights, which peft adapts "
+                              "(target_parameters) only without dropout; set lora.dropout: 0 with lora.experts")
         modules["experts"] = [n for n in linear if group_of(n, family) == "experts"]
         parameters = expert_parameters(model, family)
     for group in cfg.targets:
