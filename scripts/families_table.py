@@ -18,6 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from finetune.batching.packing import refusal  # noqa: E402
 from finetune.models.families import FAMILIES  # noqa: E402
 from finetune.recipe.methods import METHODS  # noqa: E402
 
@@ -39,9 +40,10 @@ def recipe_families() -> dict[str, list[str]]:
 
 
 def packing(family) -> str:
-    if family.no_packing:
+    """What finetune.batching.packing refuses, with sdpa and with flash-attention."""
+    if refusal(family, "sdpa"):
         return "no"
-    return "yes, not with flash-attention" if family.prefix_lm or family.bidirectional_images else "yes"
+    return "yes, not with flash-attention" if refusal(family, "flash_attention_2") else "yes"
 
 
 def table() -> str:

@@ -145,6 +145,7 @@ _DELTANET_GGUF = (
     "pinned converter itself converts a transformers save with --no-mtp)")
 _FUSED = ("gate_up_proj", "down_proj")
 _ATTENTION_AND_MLP = r"q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+_GEMMA_AUDIO = r"model\.(?:audio_tower|embed_audio)"
 
 FAMILIES: dict[str, Family] = {
     "llava": Family(
@@ -246,7 +247,7 @@ FAMILIES: dict[str, Family] = {
         name="Gemma 3n",
         decoder=r"model\.language_model", projector=r"model\.embed_vision", vision=r"model\.vision_tower",
         image_tokens=_GEMMA3_IMAGE, end_of_turn="<end_of_turn>", image_expansion="fixed",
-        audio=r"model\.(?:audio_tower|embed_audio)", decoder_linears=_ATTENTION_AND_MLP,
+        audio=_GEMMA_AUDIO, decoder_linears=_ATTENTION_AND_MLP,
         full_precision=r"model\.language_model\.(?:altup_projections|altup_unembed_projections|"
                        r"per_layer_model_projection|layers\.\d+\.(?:altup|laurel|per_layer_input_gate|"
                        r"per_layer_projection))",
@@ -263,7 +264,7 @@ FAMILIES: dict[str, Family] = {
         name="Gemma 4",
         decoder=r"model\.language_model", projector=r"model\.embed_vision", vision=r"model\.vision_tower",
         image_tokens=r"<\|image>|<image\|>|<\|image\|>", end_of_turn="<turn|>", image_expansion="soft_tokens",
-        audio=r"model\.(?:audio_tower|embed_audio)", decoder_linears=_ATTENTION_AND_MLP,
+        audio=_GEMMA_AUDIO, decoder_linears=_ATTENTION_AND_MLP,
         no_gguf="not answer-checked: the pinned converter reads Gemma 4's vocabulary as a SentencePiece-style "
                 "tokenizer.json (LlamaHfVocab, llama.cpp's 'gemma4' tokenizer), which finetune's tokenizer and "
                 "answer checks have not been run against; finetune exports only what they passed",

@@ -97,11 +97,12 @@ def gemma3n(p, hub: HubFiles | None = None):
                        layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
                        num_kv_shared_layers=0, hidden_size_per_layer_input=16, vocab_size_per_layer_input=len(tok),
                        laurel_rank=8, altup_num_inputs=4, activation_sparsity_pattern=[0.95] + [0.0] * (layers - 1))
+    offset = max(len(tok) - 128, 0)  # each tower's 128 embedding rows end the vocabulary
     # Channels scaled down 50x (the real tower is 294M parameters, this one 2.3M); the fused output keeps its 2048.
     vision = dict(model_args={"channel_multiplier": 0.02, "msfa_output_resolution": grid}, hidden_size=2048,
-                  vocab_offset=len(tok) - 128 if len(tok) > 128 else 0)
+                  vocab_offset=offset)
     audio = dict(hidden_size=32, conf_num_attention_heads=2, conf_num_hidden_layers=1,
-                 sscp_conv_channel_size=[8, 4], vocab_offset=len(tok) - 128 if len(tok) > 128 else 0)
+                 sscp_conv_channel_size=[8, 4], vocab_offset=offset)
     cfg = T.Gemma3nConfig(text_config=text, vision_config=vision, audio_config=audio,
                           vision_soft_tokens_per_image=grid * grid, audio_soft_tokens_per_image=4, **ids)
     return T.Gemma3nForConditionalGeneration(cfg), proc
