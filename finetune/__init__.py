@@ -80,6 +80,18 @@ def push(target, repo_id=None, private=None, revision=None, merged=None, token=N
     return _push(target, repo_id, private=private, revision=revision, merged=merged, token=token, **kwargs)
 
 
+def serve(run_dir, port=None, adapter: bool = False, check=None, **kwargs) -> str:
+    """vLLM's OpenAI-compatible server on a run (merged first if needed) until Ctrl-C or SIGTERM; with `check=N`,
+    N held-out answers over HTTP compared with predict instead (raises below N/N). Needs .venv-vllm."""
+    if check is not None:
+        from .export.serve_check import serve_check
+
+        return serve_check(run_dir, check, port=port, adapter=adapter, **kwargs)
+    from .export.serve import serve as _serve
+
+    return _serve(run_dir, port=port, adapter=adapter, **kwargs)
+
+
 def __getattr__(name: str):
     # `from finetune import zoo` (README, model cards' quick start) without importing the zoo for every other command.
     if name == "zoo":

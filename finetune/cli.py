@@ -28,6 +28,7 @@ examples:
   finetune check recipes/tiny-chartqa.yaml --show-labels 2
   finetune merge runs/tiny-chartqa --dtype float32
   finetune export-gguf runs/tiny-chartqa --outtype f16 --outtype q4_k_m
+  finetune serve runs/tiny-chartqa --check 20
   finetune push runs/tiny-chartqa --repo alice/tiny-chartqa --private
 """
 TARGET = "run folder, merged export folder, model folder, hub id or zoo:<family>"
@@ -89,6 +90,15 @@ def convert_or_setup(export_gguf, target, outtypes, setup, sdist, **options):
     if not target:
         raise UsageError("export-gguf needs a run or merged export folder (or --setup)")
     return export_gguf(target, outtypes=outtypes or ["f16"], **options)
+
+
+def serve_or_check(serve, run_dir, port, host, adapter, check, vllm_args):
+    """`--check N` compares N held-out answers with predict (serve_check) instead of serving until stopped."""
+    if check is not None:
+        from .export.serve_check import serve_check
+
+        return serve_check(run_dir, check, port=port, adapter=adapter, host=host, vllm_args=vllm_args)
+    return serve(run_dir, port=port, adapter=adapter, host=host, vllm_args=vllm_args)
 
 
 def token_range(value: str) -> tuple[int, int]:
@@ -202,6 +212,28 @@ COMMANDS = (
              action="store_true"),
          Arg("--sdist", "--setup from this llama-cpp-python source archive (offline)", metavar="FILE")),
         adapter=convert_or_setup, prints=True),
+    Command(
+        "serve", "finetune.export.serve:serve", "serve a run with vLLM (OpenAI-compatible API), or check it",
+        "Start vLLM's OpenAI-compatible server on the run's merged export (merged first if missing), at the dtype "
+        "its parity check used, with training.max_length as the model length and the most images a training row "
+        "held as the per-prompt limit; prints the URL and a curl example; Ctrl-C or SIGTERM stops it. --adapter "
+        "serves the base model + the LoRA adapter instead, with the projector and vision LoRA kept "
+        "(--enable-tower-connector-lora). --check N sends N held-out rows over HTTP, with and without a system "
+        "message, compares the answers with `finetune predict` and exits 1 below N/N. vLLM comes from its own "
+        "environment: `bash scripts/setup.sh vllm` (or FINETUNE_VLLM_PYTHON).",
+        "examples:\n  finetune serve runs/tiny-chartqa --port 8000\n  finetune serve runs/tiny-chartqa --adapter\n"
+        "  finetune serve runs/tiny-chartqa --check 20\n"
+        "  finetune serve runs/qwen-7b --vllm-args '--tensor-parallel-size 8'",
+        (Arg("run_dir", "training run folder (adapter + recipe.yaml)"),
+         Arg("--port", "port to listen on (default 8000; with --check, a free one)", type=int),
+         Arg("--host", "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
+             default="127.0.0.1"),
+         Arg("--adapter", "serve base model + adapter instead of the merged export", action="store_true"),
+         Arg("--check", "compare N held-out answers with `finetune predict` instead of serving (default 20)",
+             type=int, nargs="?", const=20, metavar="N"),
+         Arg("--vllm-args", "more vLLM server flags, one quoted string, e.g. '--tensor-parallel-size 8 "
+             "--gpu-memory-utilization 0.9'", default="", metavar="FLAGS")),
+        adapter=serve_or_check, prints=True),
     Command(
         "push", "finetune.export.hub:push", "upload an adapter or merged model to the Hugging Face Hub",
         "Upload the adapter (or with --merged the merged export, made first if missing) with the processor files "

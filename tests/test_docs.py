@@ -22,7 +22,7 @@ README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 RECIPES = ROOT / "docs" / "recipes.md"
 QUICK_START = ("bash scripts/setup.sh && .venv/bin/finetune train recipes/tiny-chartqa.yaml",
-               "bash scripts/setup.sh gguf && .venv/bin/python -m pytest -q")
+               "bash scripts/setup.sh gguf vllm && .venv/bin/python -m pytest -q")
 README_LIMIT = 12_000
 
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)

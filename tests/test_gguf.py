@@ -16,7 +16,9 @@ from finetune.export import ExportError, ParityError
 from finetune.export.gguf import check_tokenizer, export_gguf, image_token_limits
 from finetune.export.gguf_strings import tokenizer_strings
 from finetune.export.llama_cpp import Runtime, convert, install_converter
+from finetune.evaluation.conversation import recipe_system_prompt
 from finetune.export.merging import parity_rows
+from finetune.models.loading import with_default_system
 from finetune.models.families import FAMILIES
 from finetune.recipe import load_recipe
 from finetune.training.pipeline import train
@@ -60,6 +62,12 @@ def exports(runs):
     return get
 
 
+def served_template(run_dir) -> str:
+    """The run's template with its system prompt as the default, as the merged export (and so the GGUF) holds it."""
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    return with_default_system((run_dir / "chat_template.jinja").read_text(), recipe_system_prompt(recipe))
+
+
 @pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_llama_cpp_answers_as_the_merged_model_at_the_trained_resolution(family, runs, exports):
     out = exports(family)
@@ -67,7 +75,7 @@ def test_llama_cpp_answers_as_the_merged_model_at_the_trained_resolution(family,
     assert report["checked"] and report["passed"]
     assert {p.name for p in out.iterdir()} == {"model-f16.gguf", "model-q4_k_m.gguf", "mmproj-f16.gguf",
                                                "gguf.json", "chat_template.jinja", "README.md"}
-    assert (out / "chat_template.jinja").read_text() == (runs(family) / "chat_template.jinja").read_text()
+    assert (out / "chat_template.jinja").read_text() == served_template(runs(family))
     assert report["tokenizer"]["passed"] and report["tokenizer"]["strings"] >= 2000
     f16, q4 = report["answers"]["f16"], report["answers"]["q4_k_m"]
     for result in (f16, q4):  # every image took as many tokens in llama.cpp as in training
@@ -171,8 +179,7 @@ def test_the_gguf_carries_the_template_special_tokens_and_end_of_turn(runs, expo
     tokenizer = AutoProcessor.from_pretrained(runs("qwen2_vl")).tokenizer
     runtime = Runtime(exports("qwen2_vl") / "model-f16.gguf")
     try:
-        assert runtime.chat_template == tokenizer.chat_template or runtime.chat_template == (
-            runs("qwen2_vl") / "chat_template.jinja").read_text()
+        assert runtime.chat_template == served_template(runs("qwen2_vl"))
         end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         assert runtime.tokenize("<|im_start|>user\nhi<|im_end|>") == tokenizer.encode(
             "<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)

@@ -186,7 +186,7 @@ def test_retries_are_bounded_and_only_for_transient_failures(monkeypatch):
 def test_card_names_hub_models_and_datasets_and_never_local_paths(run_dir, tmp_path):
     folder = tmp_path / "copy"
     folder.mkdir()
-    for name in ("adapter_config.json", "run_summary.json"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "run_summary.json"):
         (folder / name).write_bytes((run_dir / name).read_bytes())
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     recipe["model"]["name_or_path"] = "Qwen/Qwen2-VL-2B-Instruct"

@@ -13,12 +13,15 @@ from .inference import Target, generate, load_target
 
 
 def system_prompt(target: Target) -> str | None:
-    """The system prompt training used: the recipe's, else the data format's default (ChartQA has one)."""
-    if target.recipe is None:
-        return None
-    if target.recipe.data.system_prompt is not None:
-        return target.recipe.data.system_prompt or None
-    return CHARTQA_SYSTEM_PROMPT if target.recipe.data.format == "chartqa" else None
+    """The system prompt training used (None for a base model without a recipe)."""
+    return recipe_system_prompt(target.recipe) if target.recipe is not None else None
+
+
+def recipe_system_prompt(recipe) -> str | None:
+    """The recipe's `data.system_prompt`, else the data format's default (ChartQA has one); None for none."""
+    if recipe.data.system_prompt is not None:
+        return recipe.data.system_prompt or None
+    return CHARTQA_SYSTEM_PROMPT if recipe.data.format == "chartqa" else None
 
 
 def open_image(target: Target, path: str, root: Path | None = None):

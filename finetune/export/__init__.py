@@ -2,7 +2,8 @@
 
 merging folds a run's adapter into its base and saves a standalone checkpoint; parity checks that checkpoint
 against base + adapter on real samples; card writes the model card from the run's own files; hub uploads an adapter
-or a merged export to the Hugging Face Hub in one commit.
+or a merged export to the Hugging Face Hub in one commit; serve starts vLLM on a run (serve_check compares its
+answers with predict over HTTP).
 """
 
 from .card import render_card, serving_warnings

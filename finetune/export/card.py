@@ -8,20 +8,21 @@ no filesystem path is ever written, and nothing here reads or writes a token.
 from __future__ import annotations
 
 import json
-import types
+import re
 from pathlib import Path
 
 import yaml
 
-from ..evaluation.conversation import system_prompt
+from ..evaluation.conversation import recipe_system_prompt
 from ..models.families import FAMILIES
 from ..models.lora import group_of
 from ..models.zoo import HubFiles, parse_name
 from ..recipe import HUB_ID, load_recipe, method_of
 
-#: Serving engines (vLLM, TGI, SGLang) apply LoRA adapters to the language model only.
-SERVING_NOTE = ("common serving engines (e.g. vLLM) apply LoRA adapters to the language model only and would "
-                "ignore these; serve the merged export (`finetune merge`) instead")
+#: vLLM (like TGI and SGLang) applies LoRA adapters to the language model only, unless told otherwise.
+SERVING_NOTE = ("vLLM's LoRA path applies adapters to the language model only and drops these unless started "
+                "with --enable-tower-connector-lora (`finetune serve --adapter` sets it); the merged export "
+                "(`finetune merge`, `finetune serve`) has no such limit")
 #: Placeholder for the repo id in a card rendered before the export is pushed anywhere.
 REPO_PLACEHOLDER = "<your-namespace>/<repo-name>"
 
@@ -97,22 +98,28 @@ def render_card(folder: str | Path, kind: str, repo_id: str | None = None) -> st
         parts.append(_merge_section(parity, qlora))
     if kind == "adapter" and (warnings := adapter_serving_warnings(folder)):
         parts.append("## Serving\n\n" + "\n".join(f"- Note: {w}." for w in warnings) + "\n")
-    elif kind == "merged" and parity.get("serving_warnings"):
-        parts.append("## Serving\n\nThe adapter also trained parts outside the language model (projector or "
-                     "vision tower), which engines that apply LoRA to the language model only would drop; here they "
-                     "are merged into the weights, so this checkpoint serves as a plain model.\n")
-    prompt = system_prompt(types.SimpleNamespace(recipe=recipe))
+    elif kind == "merged":
+        parts.append(_serving(repo, parity, recipe))
+    prompt = recipe_system_prompt(recipe)
     parts.append(_quick_start(kind, repo, base, recipe, family, prompt))
     return "\n".join(parts)
 
 
+def adapted_modules(run_dir: Path) -> list[str]:
+    """Full paths of the modules (and raw parameters) the adapter holds LoRA weights for, read off its safetensors
+    keys: adapter_config.json's `target_modules` may be shortened by peft to suffixes (`mlp.0`) no group can place."""
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "adapter_model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    names = {re.sub(r"^base_model\.model\.", "", key).partition(".lora_")[0] for key in keys if ".lora_" in key}
+    return sorted(names)
+
+
 def serving_warnings(run_dir: Path, family) -> list[str]:
     """One line per adapter group outside the language model (projector, vision tower)."""
-    config = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    targets = config.get("target_modules") or []
-    names = ([targets] if isinstance(targets, str) else list(targets)) + list(config.get("target_parameters") or [])
-    groups = sorted({g for g in (group_of(n.removesuffix(".weight"), family) or group_of(n, family) for n in names)
-                     if g in ("projector", "vision")})
+    groups = sorted({g for g in (group_of(n, family) or group_of(n.rpartition(".")[0], family)
+                                 for n in adapted_modules(run_dir)) if g in ("projector", "vision")})
     return [f"the adapter trains the {g} ({family.name}); {SERVING_NOTE}" for g in groups]
 
 
@@ -203,6 +210,22 @@ def _merge_section(parity: dict, qlora: bool) -> str:
     else:
         lines.append("\nNo parity check was run for this export.")
     return "\n".join(lines) + "\n"
+
+
+def _serving(repo: str, parity: dict, recipe) -> str:
+    """vLLM's command for this export: the dtype its parity check used, the trained length."""
+    dtype = parity.get("merge", {}).get("dtype", "auto")
+    length = getattr(recipe.training, "max_length", None)
+    command = f"vllm serve {repo} --dtype {dtype}" + (f" --max-model-len {length}" if length else "")
+    lines = ["## Serving\n", f"```bash\n{command}\n```\n",
+             "The chat template's default system prompt is the one used in training, so a client that sends no "
+             "system message gets the prompt the model was trained with; the generation config stops at the "
+             "end-of-turn token training labelled."]
+    if parity.get("serving_warnings"):
+        lines.append(" The adapter also trained parts outside the language model (projector or vision tower), "
+                     "which vLLM's LoRA path drops unless told otherwise; here they are merged into the weights, so "
+                     "this checkpoint serves as a plain model.")
+    return "".join(lines) + "\n"
 
 
 def _quick_start(kind: str, repo: str, base: str | None, recipe, family: str | None, system: str | None) -> str:

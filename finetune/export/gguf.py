@@ -64,8 +64,13 @@ def export_gguf(target: str | Path, outtypes=("f16",), out: str | Path | None = 
 
     dtype = json.loads((folder / "config.json").read_text()).get("dtype") or "float32"
     source_type = SOURCE_TYPE.get(dtype, "f32")
+    # An export already in the published layout (finetune merge writes it) is converted as it is; an older one
+    # is renamed and transposed on the way into the converter.
+    published = json.loads((folder / "parity.json").read_text()).get("layout") == "published" \
+        if (folder / "parity.json").is_file() else False
     options = dict(pre_tokenizer=_zoo_pre_tokenizer(recipe), text_architecture=family.gguf_text_architecture,
-                   renames=family.gguf_renames, transposed=family.gguf_transposed)
+                   renames=() if published else family.hub_renames,
+                   transposed=() if published else family.hub_transposed)
     print(f"[finetune] converting {folder} to GGUF ({', '.join(outtypes)}; mmproj {mmproj_outtype}) in {out}")
     files = {t: convert(folder, out / f"model-{t}.gguf", t, **options) for t in outtypes if t in CONVERTED}
     quants = [t for t in outtypes if t in QUANTIZED]

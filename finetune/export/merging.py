@@ -22,7 +22,9 @@ import torch
 
 from ..batching.collate import ChatCollator
 from ..data.rows import DataError, chat_dataset, with_reply
-from ..models.loading import DTYPES, load_family, load_model, load_processor, stored_dtype
+from ..evaluation.conversation import recipe_system_prompt
+from ..evaluation.inference import stop_token_ids
+from ..models.loading import DTYPES, load_family, load_model, load_processor, stored_dtype, with_default_system
 from ..recipe import QuantizationConfig, Recipe, load_recipe
 from .card import render_card, serving_warnings
 from .parity import compare, max_abs_diff, model_outputs
@@ -96,12 +98,14 @@ def merge(run_dir: str | Path, out: str | Path | None = None, dtype: str | None 
     reference = model_outputs(model, collator, rows, max_new_tokens) if rows else None
     merged = model.merge_and_unload()
     del model, base
+    serve_as_trained(merged, processor, family, recipe)
     _save(merged.to(DTYPES[dtype]), processor, run_dir, out)
     del merged
+    published_layout(out, family)
 
     report = {"merge": {"dtype": dtype, "onto": onto if qlora else "original", "qlora": qlora,
                         "family": family.name, "base_model": recipe.model.name_or_path, "run": run_dir.name},
-              "serving_warnings": warnings, "checked": bool(rows)}
+              "serving_warnings": warnings, "checked": bool(rows), "layout": "published"}
     if rows:
         report.update(_check(out, family, rows, reference, trained, dtype, tolerance, max_new_tokens, device,
                              recipe, onto))
@@ -116,6 +120,14 @@ def merge(run_dir: str | Path, out: str | Path | None = None, dtype: str | None 
                 f"difference|), above the tolerance {tolerance:g} for {dtype}; details in {out / 'parity.json'}")
     print(f"[finetune] merged {dtype} checkpoint in {out}")
     return out
+
+
+def serve_as_trained(model, processor, family, recipe: Recipe) -> None:
+    """What an engine reading the export alone (vLLM, transformers) needs to answer like `finetune predict`: the
+    recipe's system prompt as the template's default, and every token predict stops at as an end of sequence."""
+    processor.chat_template = with_default_system(processor.chat_template, recipe_system_prompt(recipe))
+    processor.tokenizer.chat_template = processor.chat_template
+    model.generation_config.eos_token_id = stop_token_ids(model, processor, family)
 
 
 def run_recipe(run_dir: Path) -> Recipe:
@@ -190,6 +202,36 @@ def _save(model, processor, run_dir: Path, out: Path) -> None:
         if (run_dir / name).is_file():
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(run_dir / name, out / name)
+
+
+def published_layout(out: Path, family) -> None:
+    """Rewrite the saved shards in the published checkpoints' tensor layout where transformers 5 saves another
+    (`Family.hub_renames` / `hub_transposed`): vLLM and llama.cpp's converter read the published one, transformers
+    both. The parity check that follows reloads these files, so a wrong rewrite fails it."""
+    if not family.hub_renames and not family.hub_transposed:
+        return
+    from safetensors.torch import load_file, save_file
+
+    def name(key: str) -> str:
+        for old, new in family.hub_renames:
+            if key.startswith(old) and not key.startswith(new):
+                return new + key[len(old):]
+        return key
+
+    def transposed(key: str, tensor):
+        # transformers tells the two layouts apart by shape (Transpose(check_dims=True)): a square one it would
+        # read as saved, so it stays as saved (no published checkpoint has square experts; the tiny zoo does).
+        return key.endswith(family.hub_transposed) and tensor.ndim == 3 and tensor.shape[-1] != tensor.shape[-2]
+
+    for shard in sorted(out.glob("*.safetensors")):
+        tensors = load_file(shard)
+        save_file({name(k): v.transpose(-1, -2).contiguous() if transposed(k, v) else v for k, v in tensors.items()},
+                  shard, metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data["weight_map"] = {name(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _check(out: Path, family, rows, reference, trained, dtype, tolerance, max_new_tokens, device, recipe,

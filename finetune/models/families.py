@@ -74,12 +74,14 @@ class Family:
     #: "" = the family has a fixed token count per image.
     gguf_image_tokens: str = ""
     #: What the converter reads that a transformers 5 save lacks: the text model's architecture (absent from
-    #: `text_config`), and tensor-name prefixes it knows under their transformers 4 names (old, new).
+    #: `text_config`).
     gguf_text_architecture: str = ""
-    gguf_renames: tuple[tuple[str, str], ...] = ()
-    #: 3-D tensors (name suffixes) transformers 5 saves with their last two axes swapped from the hub layout the
-    #: converter reads (Qwen3-VL-MoE's fused experts).
-    gguf_transposed: tuple[str, ...] = ()
+    #: Where transformers 5 saves tensors otherwise than the published checkpoints, which vLLM and llama.cpp's
+    #: converter read (transformers reads both): name prefixes (saved, published), and 3-D tensors (name suffixes)
+    #: saved with their last two axes swapped (Qwen3-VL-MoE's fused experts). Merged exports are written in the
+    #: published layout (finetune.export.merging).
+    hub_renames: tuple[tuple[str, str], ...] = ()
+    hub_transposed: tuple[str, ...] = ()
     #: Mixture-of-experts: module-path regex of the routers (top-k gates, Qwen3.5's shared-expert gate). They are
     #: never adapted and never quantized (a 4-bit router changes which experts a token reaches).
     router: str = ""
@@ -144,6 +146,8 @@ _DELTANET_GGUF = (
     "accents ('e' + U+0301) reads as other tokens than in training (the export's tokenizer check fails on it; the "
     "pinned converter itself converts a transformers save with --no-mtp)")
 _FUSED = ("gate_up_proj", "down_proj")
+#: transformers 5 saves a CLIP/SigLIP tower without the `vision_model.` level the published checkpoints have.
+_VISION_MODEL = (("vision_tower.", "vision_tower.vision_model."),)
 _ATTENTION_AND_MLP = r"q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 _GEMMA_AUDIO = r"model\.(?:audio_tower|embed_audio)"
 
@@ -151,14 +155,14 @@ FAMILIES: dict[str, Family] = {
     "llava": Family(
         name="LLaVA 1.5",
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
-        image_tokens=_LLAVA_IMAGE, end_of_turn="</s>",
+        image_tokens=_LLAVA_IMAGE, end_of_turn="</s>", hub_renames=_VISION_MODEL,
         no_gguf="the pinned llama.cpp converter writes no mmproj for its CLIP vision tower (only llama.cpp's legacy "
                 "llava scripts do)",
     ),
     "llava_next": Family(
         name="LLaVA-NeXT (1.6)",
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
-        image_tokens=_LLAVA_IMAGE, end_of_turn="</s>",
+        image_tokens=_LLAVA_IMAGE, end_of_turn="</s>", hub_renames=_VISION_MODEL,
         no_gguf="the pinned llama.cpp converter does not know LlavaNextForConditionalGeneration",
         notes="`model.image_newline` is a raw parameter of the projector side; it stays frozen.",
     ),
@@ -206,7 +210,7 @@ FAMILIES: dict[str, Family] = {
         image_tokens=_QWEN_IMAGE, end_of_turn="<|im_end|>", video_input=True, gguf_image_tokens="pixels",
         vision_varlen=True, router=r"model\.language_model\.layers\.\d+\.mlp\.gate",
         experts=r"model\.language_model\.layers\.\d+\.mlp\.experts", expert_parameters=_FUSED,
-        gguf_transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        hub_transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         notes="Qwen3-VL with fused experts (no shared expert); the top-k router stays frozen and unquantized.",
     ),
     "qwen3_5": Family(
@@ -230,7 +234,7 @@ FAMILIES: dict[str, Family] = {
         name="PaliGemma / PaliGemma 2",
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
         image_tokens=r"<image>", end_of_turn="<eos>", prefix_lm=True, processor_adds_bos_and_newline=True,
-        image_expansion="fixed", first_position=1, default_chat_template=PALIGEMMA_TEMPLATE,
+        image_expansion="fixed", first_position=1, default_chat_template=PALIGEMMA_TEMPLATE, hub_renames=_VISION_MODEL,
         no_gguf="the pinned llama.cpp converter does not know PaliGemmaForConditionalGeneration",
         notes="Not a chat model: the prefix (image + prompt) attends bidirectionally, answers causally. The hub "
               "checkpoints have no chat template; finetune's (PALIGEMMA_TEMPLATE) is used and saved with the run.",
@@ -240,7 +244,7 @@ FAMILIES: dict[str, Family] = {
         decoder=r"model\.language_model", projector=r"model\.multi_modal_projector", vision=r"model\.vision_tower",
         image_tokens=_GEMMA3_IMAGE, end_of_turn="<end_of_turn>",
         projector_parameters=("model.multi_modal_projector.mm_input_projection_weight",), image_expansion="fixed",
-        bidirectional_images=True, gguf_renames=(("vision_tower.", "vision_tower.vision_model."),),
+        bidirectional_images=True, hub_renames=_VISION_MODEL,
         notes="`processor.image_token_id` is <start_of_image>, not the soft token; the projector is a raw parameter.",
     ),
     "gemma3n": Family(

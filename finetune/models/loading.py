@@ -114,6 +114,22 @@ def pin_template_variables(template: str, variables: dict) -> str:
     return template if template.startswith(header) else header + template
 
 
+def with_default_system(template: str, prompt: str | None) -> str:
+    """The template with `prompt` as the system message of a conversation that has none (an OpenAI-style client
+    that sends no system message gets what training used, not the template's own default, e.g. Qwen's "You are a
+    helpful assistant."). The message is the one `finetune predict` sends, so both render the same tokens; a
+    conversation with its own system message renders as before. Applying it again changes nothing."""
+    import json
+
+    if not prompt:
+        return template
+    message = {"role": "system", "content": [{"type": "text", "text": prompt}]}
+    header = ("{%- if not messages or messages[0]['role'] != 'system' -%}\n"
+              f"{{%- set messages = [{json.dumps(message)}] + messages -%}}\n"
+              "{%- endif -%}\n")
+    return template if template.startswith(header) else header + template
+
+
 def compute_dtype(name: str) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]

@@ -128,11 +128,12 @@ def gemma4(p, hub: HubFiles | None = None):
                                  video_processor=T.Gemma4VideoProcessor(patch_size=4), tokenizer=tok,
                                  image_seq_length=70,
                                  chat_template=tok.chat_template)
-        patch, pooling = 4, 3
+        patch, pooling, length = 4, 3, 70
     else:
         proc = hub.processor()
         real = hub.model_config().vision_config
         patch, pooling = real.patch_size, real.pooling_kernel_size
+        length = getattr(real, "default_output_length", 280)
     tok = proc.tokenizer
     ids = dict(zip(["boi_token_id", "eoi_token_id", "image_token_id", "video_token_id"],
                    token_ids(tok, "<|image>", "<image|>", "<|image|>", "<|video|>")))
@@ -143,6 +144,8 @@ def gemma4(p, hub: HubFiles | None = None):
     vision = T.Gemma4VisionConfig(hidden_size=p["v_hidden"], intermediate_size=p["v_intermediate"],
                                   num_hidden_layers=p["v_layers"], num_attention_heads=p["v_heads"],
                                   num_key_value_heads=p["v_heads"], head_dim=p["v_hidden"] // p["v_heads"],
-                                  patch_size=patch, pooling_kernel_size=pooling, use_clipped_linears=True)
+                                  patch_size=patch, pooling_kernel_size=pooling, use_clipped_linears=True,
+                                  # the published key transformers 5.25 no longer defines and vLLM reads
+                                  default_output_length=length)
     cfg = T.Gemma4Config(text_config=text, vision_config=vision, audio_config=None, **ids)
     return T.Gemma4ForConditionalGeneration(cfg), proc

@@ -95,7 +95,10 @@ def qwen3_vl_moe(p, hub: HubFiles | None = None):
             "rope_theta": 10000.0}
     return _qwen(p, "qwen3_vl", 16, T.Qwen3VLProcessor, T.Qwen3VLVideoProcessor, T.Qwen3VLMoeConfig,
                  T.Qwen3VLMoeForConditionalGeneration,
-                 text=dict(rope_parameters=rope, head_dim=head_dim(p), decoder_sparse_step=1, **_moe(p)),
+                 # norm_topk_prob: the published config's routing key, which transformers 5 no longer defines
+                 # and vLLM reads
+                 text=dict(rope_parameters=rope, head_dim=head_dim(p), decoder_sparse_step=1, norm_topk_prob=True,
+                           **_moe(p)),
                  vision=_qwen3_vl_vision(p, hub, deepstack_visual_indexes=list(range(0, p["v_layers"] - 1, 2))),
                  hub=hub)
 
