@@ -12,7 +12,10 @@ from transformers import AutoProcessor
 
 import finetune
 from conftest import ROOT
+from finetune.evaluation.conversation import recipe_system_prompt
 from finetune.models.families import PALIGEMMA_TEMPLATE
+from finetune.models.loading import with_default_system
+from finetune.recipe import load_recipe
 from hub_server import serve
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -52,8 +55,10 @@ def test_paligemma_template_goes_with_the_run_the_export_and_the_push(runs, monk
     assert AutoProcessor.from_pretrained(run_dir).chat_template == PALIGEMMA_TEMPLATE
 
     export = finetune.merge(run_dir, dtype="float32", samples=2)
-    assert (export / "chat_template.jinja").read_text() == PALIGEMMA_TEMPLATE
-    assert AutoProcessor.from_pretrained(export).chat_template == PALIGEMMA_TEMPLATE
+    # the export's default system prompt is the recipe's (finetune.export.merging.serve_as_trained)
+    served = with_default_system(PALIGEMMA_TEMPLATE, recipe_system_prompt(load_recipe(run_dir / "recipe.yaml")))
+    assert (export / "chat_template.jinja").read_text() == served
+    assert AutoProcessor.from_pretrained(export).chat_template == served
 
     import huggingface_hub.constants
 
@@ -65,7 +70,7 @@ def test_paligemma_template_goes_with_the_run_the_export_and_the_push(runs, monk
         finetune.push(run_dir, "alice/paligemma-merged", merged=True)
     adapter, merged = hub.commits
     assert adapter["files"]["chat_template.jinja"].decode() == PALIGEMMA_TEMPLATE
-    assert merged["files"]["chat_template.jinja"].decode() == PALIGEMMA_TEMPLATE
+    assert merged["files"]["chat_template.jinja"].decode() == served
 
 
 def test_llava15_predict_stops_at_the_eos_its_template_does_not_write():

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from urllib.request import urlopen
 
 import pytest
@@ -137,6 +136,19 @@ def test_a_family_vllm_lacks_is_refused_by_name(tmp_path):
     (run / "adapter_config.json").write_text(json.dumps({"r": 4}))
     with pytest.raises(ServeError, match=r"vLLM \S+ has no implementation of MllamaForConditionalGeneration"):
         plan(run)
+
+
+@needs_vllm
+def test_an_export_from_before_the_serving_settings_is_merged_again(chart_run, chart_export, capsys):
+    parity_file = chart_export / "parity.json"
+    old = json.loads(parity_file.read_text())
+    del old["layout"]
+    parity_file.write_text(json.dumps(old))
+    (chart_export / "chat_template.jinja").write_text((chart_run / "chat_template.jinja").read_text())
+    plan(chart_run)
+    assert "re-merging" in capsys.readouterr().out
+    assert json.loads(parity_file.read_text())["layout"] == "published"
+    assert (chart_export / "chat_template.jinja").read_text().startswith("{%- if not messages")
 
 
 @needs_vllm

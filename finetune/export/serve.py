@@ -127,32 +127,35 @@ def plan(run_dir: str | Path, port: int | None = None, adapter: bool = False, ho
             "--limit-mm-per-prompt", json.dumps({"image": max(per_row + [1])}), "--seed", "0"]
     if getattr(recipe.training, "max_length", None):
         args += ["--max-model-len", str(recipe.training.max_length)]
-    files: list[Path] = []
     if adapter:
-        template = with_default_system(_run_template(run_dir), recipe_system_prompt(recipe))
-        handle = tempfile.NamedTemporaryFile("w", suffix=".jinja", prefix="finetune-serve-", delete=False)
-        with handle:
-            handle.write(template)
-        files.append(Path(handle.name))
-        adapter_config = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))
-        # vLLM's LoRA path drops adapters outside the language model unless tower/connector LoRA is enabled.
         model, folder = base, run_dir
-        dtype = stored_dtype(recipe.model) if recipe.model.dtype == "auto" else recipe.model.dtype
-        args += ["--dtype", dtype, "--enable-lora", "--enable-tower-connector-lora",
-                 "--lora-modules", json.dumps({"name": name, "path": str(run_dir.resolve()),
-                                               "base_model_name": f"{name}-base"}),
-                 "--max-lora-rank", str(_lora_rank(adapter_config["r"])), "--chat-template", handle.name]
-        if recipe.data.image_processor:  # the base's processor files lack them; the run's export would carry them
-            args += ["--mm-processor-kwargs", json.dumps(recipe.data.image_processor)]
+        more, files = _adapter_args(run_dir, recipe, name)
     else:
-        folder = _merged(run_dir)
-        parity = json.loads((folder / "parity.json").read_text(encoding="utf-8"))
+        folder, files = _merged(run_dir), []
         model = str(folder.resolve())
-        args += ["--dtype", parity["merge"]["dtype"]]
+        more = ["--dtype", json.loads((folder / "parity.json").read_text(encoding="utf-8"))["merge"]["dtype"]]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *args, *shlex.split(vllm_args)]
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *args, *more,
+               *shlex.split(vllm_args)]
     return Server(command, env, f"http://{host}:{port}", name, folder, files)
+
+
+def _adapter_args(run_dir: Path, recipe, name: str) -> tuple[list[str], list[Path]]:
+    """Base + LoRA: vLLM's LoRA path drops adapters outside the language model unless tower/connector LoRA is on;
+    the run's template (with the default system prompt) goes as a file, removed when the server stops."""
+    handle = tempfile.NamedTemporaryFile("w", suffix=".jinja", prefix="finetune-serve-", delete=False)
+    with handle:
+        handle.write(with_default_system(_run_template(run_dir), recipe_system_prompt(recipe)))
+    rank = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))["r"]
+    dtype = stored_dtype(recipe.model) if recipe.model.dtype == "auto" else recipe.model.dtype
+    args = ["--dtype", dtype, "--enable-lora", "--enable-tower-connector-lora",
+            "--lora-modules", json.dumps({"name": name, "path": str(run_dir.resolve()),
+                                          "base_model_name": f"{name}-base"}),
+            "--max-lora-rank", str(_lora_rank(rank)), "--chat-template", handle.name]
+    if recipe.data.image_processor:  # the base's processor files lack them; the run's export would carry them
+        args += ["--mm-processor-kwargs", json.dumps(recipe.data.image_processor)]
+    return args, [Path(handle.name)]
 
 
 def _lora_rank(r: int) -> int:
@@ -170,13 +173,16 @@ def _run_template(run_dir: Path) -> str:
 
 
 def _merged(run_dir: Path) -> Path:
-    """RUN/merged, merged (parity-checked) first if missing; an export whose parity check failed is refused."""
+    """RUN/merged, merged (parity-checked) first if missing or older than the serving settings; an export whose
+    parity check failed is refused."""
     export = run_dir / "merged"
-    if not (export / "config.json").is_file():
-        print(f"[finetune] no merged export in {export}: merging first")
-        merge(run_dir, export, overwrite=True)
     parity = json.loads((export / "parity.json").read_text(encoding="utf-8")) \
         if (export / "parity.json").is_file() else {}
+    if not (export / "config.json").is_file() or ("merge" in parity and parity.get("layout") != "published"):
+        # an export from before finetune wrote the serving settings (default system prompt, stop tokens, layout)
+        print(f"[finetune] {'re-' if parity else ''}merging {run_dir} into {export} to serve it as trained")
+        merge(run_dir, export, overwrite=True)
+        parity = json.loads((export / "parity.json").read_text(encoding="utf-8"))
     if "merge" not in parity:
         raise ServeError(f"{export}: no parity.json; merge again with `finetune merge {run_dir} --overwrite`")
     if parity.get("checked") and not parity.get("passed"):
