@@ -158,7 +158,7 @@ def main() -> None:
                    spawn(args, "header-cold", None, cache),
                    spawn(args, "cache-hit", None, cache)]
         base = results[0]["rows_per_s"]
-        print(f"\n| path | rows | seconds | rows/s | vs full collate | RSS growth (MB) | workers peak RSS (MB) |")
+        print("\n| path | rows | seconds | rows/s | vs full collate | RSS growth (MB) | workers peak RSS (MB) |")
         print("|---|---|---|---|---|---|---|")
         for r in results:
             print(f"| {r['path']} | {r['rows']} | {r['seconds']} | {r['rows_per_s']:.0f} | "

@@ -6,7 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 import finetune.batching.collate

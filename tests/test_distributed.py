@@ -1,6 +1,5 @@
 """A real 2-process CPU (gloo) training job through torchrun."""
 
-import hashlib
 import json
 import os
 import subprocess

@@ -11,7 +11,7 @@ from finetune.models.families import FAMILIES
 from finetune.batching.packing import PackedRows, cached_plan, plan_packs
 from finetune.training.attention import LayerMasks
 from finetune.training.pipeline import prepare
-from finetune.recipe import RecipeError, load_recipe
+from finetune.recipe import RecipeError
 from test_training import tiny_recipe
 
 PACKABLE = [f for f in zoo.FAMILIES if not FAMILIES[f].no_packing]

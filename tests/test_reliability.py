@@ -139,7 +139,7 @@ def test_failed_save_keeps_the_previous_checkpoint_byte_identical(tmp_path, monk
     monkeypatch.setattr(transformers.Trainer, "_save_rng_state", disk_full_at_step_3)
     with pytest.raises(CheckpointError) as e:
         finetune.train(recipe(out))
-    assert f"saving checkpoint-3 failed (No space left on device)" in str(e.value)
+    assert "saving checkpoint-3 failed (No space left on device)" in str(e.value)
     assert f"the previous checkpoint {out / 'checkpoint-2'} is intact" in str(e.value)
     assert "free some disk space" in str(e.value)
     assert before and digest(out / "checkpoint-2") == before

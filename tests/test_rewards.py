@@ -2,7 +2,6 @@
 reward's output checked (count, finite numbers) with its name in the error."""
 
 import math
-import sys
 
 import pytest
 
