@@ -193,3 +193,21 @@ def test_the_readme_families_table_is_generated_from_the_family_table():
     assert families_table.readme_with_table(readme) == readme, "run: python scripts/families_table.py --write"
     rows = [line for line in families_table.table().splitlines()[2:]]
     assert [line.split(" | ")[1].strip("`") for line in rows] == list(FAMILIES)
+
+
+def test_the_types_table_answers_every_image_text_to_text_type():
+    """docs/families.md lists every type of the installed transformers, each supported or refused with a reason."""
+    import sys
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as TYPES
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import families_table
+
+    text = (ROOT / "docs" / "families.md").read_text()
+    table = families_table.types_table()
+    assert families_table.with_table(text, table, families_table.TYPES_BEGIN, families_table.TYPES_END) == text, \
+        "run: python scripts/families_table.py --write"
+    answers = {row.split(" | ")[0].strip("|` "): row.split(" | ")[2] for row in table.splitlines()[2:]}
+    assert sorted(answers) == sorted(TYPES)
+    assert all(a.startswith(("supported (", "refused: ")) and len(a) > 20 for a in answers.values())

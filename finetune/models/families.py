@@ -300,14 +300,16 @@ class UnsupportedModelError(ValueError):
     pass
 
 
-def family_for(model_type: str) -> Family:
-    """The table entry for a `config.model_type`, or an error listing what is supported."""
+def family_for(model_type: str, why=None) -> Family:
+    """The table entry for a `config.model_type`, or an error saying why not (`why()`: the reason, computed only
+    on that path) and listing what is supported."""
     try:
         return FAMILIES[model_type]
     except KeyError:
         supported = ", ".join(f"{k} ({f.name})" for k, f in FAMILIES.items())
+        reason = f": {why()}" if why is not None else ""
         raise UnsupportedModelError(
-            f"model type '{model_type}' is not in finetune's model-family table. Supported: {supported}. "
+            f"model type '{model_type}' is not in finetune's model-family table{reason}. Supported: {supported}. "
             "Add an entry to finetune/models/families.py (module paths of decoder, projector and vision tower, image "
             "tokens, end-of-turn token) to support it."
         ) from None

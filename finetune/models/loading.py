@@ -13,6 +13,7 @@ import torch
 from ..errors import RecipeError, not_found
 from . import zoo
 from .families import Family, family_for
+from .refusals import refusal_for_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,7 +35,7 @@ def load_family(cfg) -> tuple[str, Family]:
         config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:  # transformers' words for a typo, no network and offline mode alike
         raise not_found("model.name_or_path", cfg.name_or_path, e) from e
-    family = family_for(config.model_type)
+    family = family_for(config.model_type, why=lambda: refusal_for_config(config))
     for package, extra in family.requires:
         if importlib.util.find_spec(package) is None:
             raise RecipeError(f"model.name_or_path: {family.name} needs the '{package}' package (its model classes "
