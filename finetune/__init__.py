@@ -80,16 +80,16 @@ def push(target, repo_id=None, private=None, revision=None, merged=None, token=N
     return _push(target, repo_id, private=private, revision=revision, merged=merged, token=token, **kwargs)
 
 
-def serve(run_dir, port=None, adapter: bool = False, check=None, **kwargs) -> str:
+def serve(run_dir, port=None, adapter: bool = False, host: str = "127.0.0.1", check=None, vllm_args: str = "") -> str:
     """vLLM's OpenAI-compatible server on a run (merged first if needed) until Ctrl-C or SIGTERM; with `check=N`,
     N held-out answers over HTTP compared with predict instead (raises below N/N). Needs .venv-vllm."""
     if check is not None:
         from .export.serve_check import serve_check
 
-        return serve_check(run_dir, check, port=port, adapter=adapter, **kwargs)
+        return serve_check(run_dir, check, port=port, adapter=adapter, host=host, vllm_args=vllm_args)
     from .export.serve import serve as _serve
 
-    return _serve(run_dir, port=port, adapter=adapter, **kwargs)
+    return _serve(run_dir, port=port, adapter=adapter, host=host, vllm_args=vllm_args)
 
 
 def __getattr__(name: str):

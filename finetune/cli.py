@@ -92,15 +92,6 @@ def convert_or_setup(export_gguf, target, outtypes, setup, sdist, **options):
     return export_gguf(target, outtypes=outtypes or ["f16"], **options)
 
 
-def serve_or_check(serve, run_dir, port, host, adapter, check, vllm_args):
-    """`--check N` compares N held-out answers with predict (serve_check) instead of serving until stopped."""
-    if check is not None:
-        from .export.serve_check import serve_check
-
-        return serve_check(run_dir, check, port=port, adapter=adapter, host=host, vllm_args=vllm_args)
-    return serve(run_dir, port=port, adapter=adapter, host=host, vllm_args=vllm_args)
-
-
 def token_range(value: str) -> tuple[int, int]:
     low, _, high = value.partition(":")
     if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high)):
@@ -213,7 +204,7 @@ COMMANDS = (
          Arg("--sdist", "--setup from this llama-cpp-python source archive (offline)", metavar="FILE")),
         adapter=convert_or_setup, prints=True),
     Command(
-        "serve", "finetune.export.serve:serve", "serve a run with vLLM (OpenAI-compatible API), or check it",
+        "serve", "finetune:serve", "serve a run with vLLM (OpenAI-compatible API), or check it",
         "Start vLLM's OpenAI-compatible server on the run's merged export (merged first if missing), at the dtype "
         "its parity check used, with training.max_length as the model length and the most images a training row "
         "held as the per-prompt limit; prints the URL and a curl example; Ctrl-C or SIGTERM stops it. --adapter "
@@ -233,7 +224,7 @@ COMMANDS = (
              type=int, nargs="?", const=20, metavar="N"),
          Arg("--vllm-args", "more vLLM server flags, one quoted string, e.g. '--tensor-parallel-size 8 "
              "--gpu-memory-utilization 0.9'", default="", metavar="FLAGS")),
-        adapter=serve_or_check, prints=True),
+        prints=True),
     Command(
         "push", "finetune.export.hub:push", "upload an adapter or merged model to the Hugging Face Hub",
         "Upload the adapter (or with --merged the merged export, made first if missing) with the processor files "

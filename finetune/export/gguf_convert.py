@@ -22,6 +22,8 @@ import runpy
 import sys
 from pathlib import Path
 
+from ..models.families import renamed
+
 
 def main(argv: list[str]) -> None:
     split = argv.index("--") if "--" in argv else len(argv)
@@ -60,7 +62,7 @@ def main(argv: list[str]) -> None:
         index = base.ModelBase.index_tensors
 
         def index_tensors(self, *a, **k):
-            return {_renamed(name, renames): tensor for name, tensor in index(self, *a, **k).items()}
+            return {renamed(name, renames): tensor for name, tensor in index(self, *a, **k).items()}
 
         base.ModelBase.index_tensors = index_tensors
     if args.transpose:
@@ -76,13 +78,6 @@ def main(argv: list[str]) -> None:
     script = args.sources / "convert_hf_to_gguf.py"
     sys.argv = [str(script), *argv[split + 1:]]
     runpy.run_path(str(script), run_name="__main__")
-
-
-def _renamed(name: str, renames: list[tuple[str, str]]) -> str:
-    for old, new in renames:
-        if name.startswith(old) and not name.startswith(new):
-            return new + name[len(old):]
-    return name
 
 
 if __name__ == "__main__":

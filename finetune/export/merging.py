@@ -24,6 +24,7 @@ from ..batching.collate import ChatCollator
 from ..data.rows import DataError, chat_dataset, with_reply
 from ..evaluation.conversation import recipe_system_prompt
 from ..evaluation.inference import stop_token_ids
+from ..models.families import renamed
 from ..models.loading import DTYPES, load_family, load_model, load_processor, stored_dtype, with_default_system
 from ..recipe import QuantizationConfig, Recipe, load_recipe
 from .card import render_card, serving_warnings
@@ -212,12 +213,6 @@ def published_layout(out: Path, family) -> None:
         return
     from safetensors.torch import load_file, save_file
 
-    def name(key: str) -> str:
-        for old, new in family.hub_renames:
-            if key.startswith(old) and not key.startswith(new):
-                return new + key[len(old):]
-        return key
-
     def transposed(key: str, tensor):
         # transformers tells the two layouts apart by shape (Transpose(check_dims=True)): a square one it would
         # read as saved, so it stays as saved (no published checkpoint has square experts; the tiny zoo does).
@@ -225,12 +220,12 @@ def published_layout(out: Path, family) -> None:
 
     for shard in sorted(out.glob("*.safetensors")):
         tensors = load_file(shard)
-        save_file({name(k): v.transpose(-1, -2).contiguous() if transposed(k, v) else v for k, v in tensors.items()},
-                  shard, metadata={"format": "pt"})
+        save_file({renamed(k, family.hub_renames): v.transpose(-1, -2).contiguous() if transposed(k, v) else v
+                   for k, v in tensors.items()}, shard, metadata={"format": "pt"})
     index = out / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text(encoding="utf-8"))
-        data["weight_map"] = {name(k): v for k, v in data["weight_map"].items()}
+        data["weight_map"] = {renamed(k, family.hub_renames): v for k, v in data["weight_map"].items()}
         index.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 

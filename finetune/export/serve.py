@@ -131,9 +131,9 @@ def plan(run_dir: str | Path, port: int | None = None, adapter: bool = False, ho
         model, folder = base, run_dir
         more, files = _adapter_args(run_dir, recipe, name)
     else:
-        folder, files = _merged(run_dir), []
+        (folder, parity), files = _merged(run_dir), []
         model = str(folder.resolve())
-        more = ["--dtype", json.loads((folder / "parity.json").read_text(encoding="utf-8"))["merge"]["dtype"]]
+        more = ["--dtype", parity["merge"]["dtype"]]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *args, *more,
@@ -144,9 +144,13 @@ def plan(run_dir: str | Path, port: int | None = None, adapter: bool = False, ho
 def _adapter_args(run_dir: Path, recipe, name: str) -> tuple[list[str], list[Path]]:
     """Base + LoRA: vLLM's LoRA path drops adapters outside the language model unless tower/connector LoRA is on;
     the run's template (with the default system prompt) goes as a file, removed when the server stops."""
+    from transformers import AutoProcessor
+
     handle = tempfile.NamedTemporaryFile("w", suffix=".jinja", prefix="finetune-serve-", delete=False)
     with handle:
-        handle.write(with_default_system(_run_template(run_dir), recipe_system_prompt(recipe)))
+        # the template the run saved beside its adapter: the one it trained with
+        template = AutoProcessor.from_pretrained(run_dir).chat_template
+        handle.write(with_default_system(template, recipe_system_prompt(recipe)))
     rank = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))["r"]
     dtype = stored_dtype(recipe.model) if recipe.model.dtype == "auto" else recipe.model.dtype
     args = ["--dtype", dtype, "--enable-lora", "--enable-tower-connector-lora",
@@ -163,18 +167,9 @@ def _lora_rank(r: int) -> int:
     return next((k for k in (1, 8, 16, 32, 64, 128, 256, 320, 512) if k >= r), r)
 
 
-def _run_template(run_dir: Path) -> str:
-    """The chat template the run saved beside its adapter (the one it trained with)."""
-    for name in ("chat_template.jinja", "chat_template.json"):
-        if (run_dir / name).is_file():
-            text = (run_dir / name).read_text(encoding="utf-8")
-            return json.loads(text)["chat_template"] if name.endswith(".json") else text
-    raise ServeError(f"{run_dir}: no chat_template.jinja; the run folder is incomplete (train again, or merge it)")
-
-
-def _merged(run_dir: Path) -> Path:
-    """RUN/merged, merged (parity-checked) first if missing or older than the serving settings; an export whose
-    parity check failed is refused."""
+def _merged(run_dir: Path) -> tuple[Path, dict]:
+    """RUN/merged and its parity.json, merged (parity-checked) first if missing or older than the serving settings;
+    an export whose parity check failed is refused."""
     export = run_dir / "merged"
     parity = json.loads((export / "parity.json").read_text(encoding="utf-8")) \
         if (export / "parity.json").is_file() else {}
@@ -187,7 +182,7 @@ def _merged(run_dir: Path) -> Path:
         raise ServeError(f"{export}: no parity.json; merge again with `finetune merge {run_dir} --overwrite`")
     if parity.get("checked") and not parity.get("passed"):
         raise ServeError(f"{export}: its parity check failed (parity.json); it would not answer as trained")
-    return export
+    return export, parity
 
 
 def start(server: Server, log=None) -> subprocess.Popen:

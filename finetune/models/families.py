@@ -325,3 +325,12 @@ def image_token_id(config) -> int | None:
 def matches(pattern: str, module_name: str) -> bool:
     """True when `pattern` matches `module_name` from its start up to a module boundary."""
     return re.match(rf"(?:{pattern})(?:\.|$)", module_name) is not None
+
+
+def renamed(name: str, renames) -> str:
+    """A tensor name under the published prefix of `renames` ((saved, published), ...; `Family.hub_renames`);
+    a name already published, or under no listed prefix, as it is."""
+    for old, new in renames:
+        if name.startswith(old) and not name.startswith(new):
+            return new + name[len(old):]
+    return name
