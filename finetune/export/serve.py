@@ -105,13 +105,16 @@ def plan(run_dir: str | Path, port: int | None = None, adapter: bool = False, ho
          python: str | None = None, vllm_args: str = "") -> Server:
     """What to start for `run_dir`, checked before anything is merged or started: a run folder, a free port, and
     an architecture this vLLM implements. `vllm_args`: more server flags, appended (a later flag wins)."""
+    from transformers import AutoConfig
+
     run_dir = Path(run_dir)
     recipe = run_recipe(run_dir)
     port = free_port(host, port)
     python = python or vllm_python()
     base = resolve_model_path(recipe.model.name_or_path)
-    architectures = json.loads((Path(base) / "config.json").read_text(encoding="utf-8")).get("architectures") \
-        if (Path(base) / "config.json").is_file() else None
+    # AutoConfig, not the folder's config.json: a hub id's config is in the hub cache, not under its name
+    architectures = AutoConfig.from_pretrained(base, revision=recipe.model.revision,
+                                               trust_remote_code=recipe.model.trust_remote_code).architectures
     version, known = vllm_architectures(python)
     missing = [a for a in architectures or [] if a not in known]
     if missing:
@@ -127,6 +130,8 @@ def plan(run_dir: str | Path, port: int | None = None, adapter: bool = False, ho
             "--limit-mm-per-prompt", json.dumps({"image": max(per_row + [1])}), "--seed", "0"]
     if getattr(recipe.training, "max_length", None):
         args += ["--max-model-len", str(recipe.training.max_length)]
+    if recipe.model.trust_remote_code:  # the model's own code, merged export or base alike
+        args += ["--trust-remote-code"]
     if adapter:
         model, folder = base, run_dir
         more, files = _adapter_args(run_dir, recipe, name)
@@ -159,6 +164,8 @@ def _adapter_args(run_dir: Path, recipe, name: str) -> tuple[list[str], list[Pat
             "--max-lora-rank", str(_lora_rank(rank)), "--chat-template", handle.name]
     if recipe.data.image_processor:  # the base's processor files lack them; the run's export would carry them
         args += ["--mm-processor-kwargs", json.dumps(recipe.data.image_processor)]
+    if recipe.model.revision:  # the base the adapter was trained on, not the hub's latest
+        args += ["--revision", recipe.model.revision]
     return args, [Path(handle.name)]
 
 
